@@ -1,0 +1,1 @@
+"""What three or more stages share: typed configs, run directories and manifests, logs, progress."""

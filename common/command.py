@@ -1,0 +1,36 @@
+"""The command-line shape every stage shares: ``kinoe <stage> -c CONFIG [key=value ...] [--force]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from common.run import Stage, load_stage_config, run_stage
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``-c CONFIG`` and any number of dotted ``key=value`` overrides."""
+    parser.add_argument("-c", "--config", help="YAML config file (see configs/)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="override a config value by its dotted key, e.g. train.lr=3e-4",
+    )
+
+
+def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
+    """The config arguments plus ``--force``."""
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="redo the stage even if its run directory holds a complete run (its files are replaced)",
+    )
+
+
+def run_stage_command(stage: Stage, args: argparse.Namespace) -> int:
+    """Load the stage's config from ``args`` and run it; exit code 0 for done or skipped."""
+    config = load_stage_config(stage.config_type, args.config, args.overrides)
+    run_stage(stage, config, force=args.force, command=["kinoe", *sys.argv[1:]])
+    return 0

@@ -1,0 +1,319 @@
+"""Run directories and the one way every stage runs: resolve, skip-if-complete, log, hash, record.
+
+A stage run lives in ``<run.root>/<stage>/<run.name>/``::
+
+    manifest.json   what made this run and the hashes of what went in and came out
+    config.yaml     the resolved config (every default written out); rerun with -c on it
+    logs/<stage>.log
+    ...             the stage's outputs
+
+``run_stage`` skips a stage whose manifest says ``complete`` for the same fingerprint (the
+resolved config plus the content hashes of the inputs), refuses to mix a different config
+into an existing run directory, and with ``force`` clears the directory and redoes the work.
+Under a multi-process launcher only rank 0 keeps the books; every rank runs the stage body.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import Field, field_validator
+
+from common.config import Config, dump_config, load_config
+from common.errors import KinoeError
+from common.logs import get_logger, setup_logging
+from common.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    TreeRecord,
+    git_state,
+    hash_tree,
+    host_info,
+    now_iso,
+    package_versions,
+    read_manifest,
+    write_manifest,
+)
+from common.secrets import redact
+
+CONFIG_NAME = "config.yaml"
+LOGS_DIR = "logs"
+_LOCK_NAME = ".lock"
+# Files the runner writes for itself; they are not the stage's outputs.
+BOOKKEEPING = (MANIFEST_NAME, CONFIG_NAME, LOGS_DIR, _LOCK_NAME)
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def default_run_root() -> Path:
+    """$KINOE_RUN_ROOT if set, else ``runs`` in the working directory."""
+    return Path(os.environ.get("KINOE_RUN_ROOT", "runs"))
+
+
+class RunConfig(Config):
+    """Where a stage writes: ``<root>/<stage>/<name>``."""
+
+    root: Path = Field(
+        default_factory=default_run_root,
+        description="Directory holding all runs; defaults to $KINOE_RUN_ROOT, else ./runs",
+    )
+    name: str = Field(
+        default="", description="Run name; defaults to the config file's name without .yaml"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _simple_name(cls, value: str) -> str:
+        if value and not _RUN_NAME.match(value):
+            raise ValueError(
+                f"run name {value!r} must be letters, digits, '.', '_' or '-' (it becomes a directory name)"
+            )
+        return value
+
+
+class StageConfig(Config):
+    """Base of every stage's config: it has a ``run`` section."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+
+
+C = TypeVar("C", bound=StageConfig)
+
+
+@dataclass
+class StageContext(Generic[C]):
+    """What a stage body gets: its config, its run directory, its resolved inputs and a logger."""
+
+    stage: str
+    config: C
+    run_dir: Path
+    inputs: dict[str, Path]
+    logger: logging.Logger
+    is_main_process: bool = True
+
+
+@dataclass(frozen=True)
+class Stage(Generic[C]):
+    """A pipeline stage: a name, a config type, the inputs it reads and the body that does the work.
+
+    ``inputs`` maps the dotted config key of each input to its path (a file or directory), so
+    a missing input is reported by the key the user has to fix. ``body`` writes its outputs
+    under ``context.run_dir`` and returns a summary (counts, scores) for the manifest.
+    """
+
+    name: str
+    config_type: type[C]
+    body: Callable[[StageContext[C]], dict[str, Any] | None]
+    inputs: Callable[[C], dict[str, Path]] = field(default=lambda config: {})
+
+
+@dataclass
+class StageResult:
+    """How a stage run ended: ``complete`` (work done now) or ``skipped`` (done before)."""
+
+    status: Literal["complete", "skipped"]
+    run_dir: Path
+    manifest: Manifest
+
+
+def load_stage_config(
+    config_type: type[C], path: Path | str | None, overrides: Sequence[str] = ()
+) -> C:
+    """Load a stage config; ``run.name`` defaults to the config file's stem."""
+    config = load_config(config_type, path, overrides)
+    if not config.run.name:
+        config.run.name = Path(path).stem if path is not None else "default"
+    return config
+
+
+def run_directory(stage: str, config: StageConfig) -> Path:
+    """``<run.root>/<stage>/<run.name>`` for this config."""
+    return Path(config.run.root) / stage / config.run.name
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of a multi-process launch, and in a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def run_stage(
+    stage: Stage[C],
+    config: C,
+    force: bool = False,
+    command: Sequence[str] | None = None,
+) -> StageResult:
+    """Run ``stage`` with ``config`` in its run directory, or skip it if already complete."""
+    main = is_main_process()
+    run_dir = run_directory(stage.name, config)
+    inputs = _resolve_inputs(stage, config)
+    logger = get_logger(stage.name)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(run_dir, stage.name, enabled=main):
+        previous = read_manifest(run_dir)
+        config_data = config.model_dump(mode="json")
+        input_records = _hash_inputs(inputs, previous)
+        fingerprint = _fingerprint(config_data, input_records)
+        if previous is not None and not force:
+            if previous.fingerprint != fingerprint:
+                raise KinoeError(_mismatch_message(stage.name, run_dir, previous, config_data, input_records))
+            if previous.status == "complete":
+                logger.info(
+                    "%s: skipped, %s is complete for this config and these inputs (--force redoes it)",
+                    stage.name,
+                    run_dir,
+                )
+                return StageResult("skipped", run_dir, previous)
+        if force and main and previous is not None:
+            _clear(run_dir)
+        if main:
+            (run_dir / CONFIG_NAME).write_text(redact(dump_config(config)), encoding="utf-8")
+        setup_logging(run_dir / LOGS_DIR / f"{stage.name}{_rank_suffix()}.log")
+        manifest = Manifest(
+            stage=stage.name,
+            status="running",
+            run_dir=str(run_dir),
+            fingerprint=fingerprint,
+            config=config_data,
+            command=list(command if command is not None else sys.argv),
+            git=git_state(),
+            versions=package_versions(),
+            host=host_info(),
+            started_at=now_iso(),
+            inputs=input_records,
+        )
+        if main:
+            write_manifest(run_dir, manifest)
+        logger.info("%s: running in %s", stage.name, run_dir)
+        started = time.monotonic()
+        context = StageContext(stage.name, config, run_dir, inputs, logger, main)
+        try:
+            summary = stage.body(context) or {}
+        except BaseException as error:
+            manifest.status = "failed"
+            manifest.error = f"{type(error).__name__}: {error}".splitlines()[0]
+            _finish(manifest, started)
+            if main:
+                write_manifest(run_dir, manifest)
+            raise
+        manifest.status = "complete"
+        manifest.summary = summary
+        _finish(manifest, started)
+        if main:
+            manifest.outputs = hash_tree(run_dir, exclude=BOOKKEEPING)
+            write_manifest(run_dir, manifest)
+        logger.info("%s: complete in %.1f s, outputs in %s", stage.name, manifest.duration_s, run_dir)
+        return StageResult("complete", run_dir, manifest)
+
+
+def _resolve_inputs(stage: Stage[C], config: C) -> dict[str, Path]:
+    inputs = {key: Path(path) for key, path in stage.inputs(config).items()}
+    for key, path in inputs.items():
+        if not path.exists():
+            raise KinoeError(f"{stage.name}: input {key} = {path} does not exist; fix {key} in the config")
+    return inputs
+
+
+def _hash_inputs(inputs: dict[str, Path], previous: Manifest | None) -> dict[str, TreeRecord]:
+    records = {}
+    for key, path in inputs.items():
+        known = previous.inputs[key].files if previous and key in previous.inputs else ()
+        records[key] = hash_tree(path, known=known)
+    return records
+
+
+def _fingerprint(config_data: dict[str, Any], inputs: dict[str, TreeRecord]) -> str:
+    # Where a run is written is not what it computes, so the run section stays out.
+    what = {
+        "config": {key: value for key, value in config_data.items() if key != "run"},
+        "inputs": {key: record.sha256 for key, record in inputs.items()},
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): data}
+
+
+def _mismatch_message(
+    stage: str,
+    run_dir: Path,
+    previous: Manifest,
+    config_data: dict[str, Any],
+    inputs: dict[str, TreeRecord],
+) -> str:
+    before = _flatten({k: v for k, v in previous.config.items() if k != "run"})
+    after = _flatten({k: v for k, v in config_data.items() if k != "run"})
+    changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+    changed += sorted(
+        f"input {key}"
+        for key in previous.inputs.keys() | inputs.keys()
+        if key not in previous.inputs or key not in inputs or previous.inputs[key].sha256 != inputs[key].sha256
+    )
+    shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+    return (
+        f"{stage}: {run_dir} holds a {previous.status} run made with a different config or inputs "
+        f"(changed: {shown or 'unknown'}); pass --force to redo it there, or set run.name=<new name>"
+    )
+
+
+def _finish(manifest: Manifest, started: float) -> None:
+    manifest.finished_at = now_iso()
+    manifest.duration_s = round(time.monotonic() - started, 3)
+
+
+def _clear(run_dir: Path) -> None:
+    get_logger("run").info("--force: removing the previous run's files in %s", run_dir)
+    for entry in run_dir.iterdir():
+        if entry.name == _LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _rank_suffix() -> str:
+    return f".rank{os.environ['RANK']}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
+@contextmanager
+def _exclusive(run_dir: Path, stage: str, enabled: bool) -> Iterator[None]:
+    """Hold an advisory lock on the run directory so two processes never write one run."""
+    if not enabled:
+        yield
+        return
+    with (run_dir / _LOCK_NAME).open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            raise KinoeError(
+                f"{stage}: another kinoe process is writing {run_dir}; wait for it or set run.name=<new name>"
+            ) from None
+        except OSError as error:
+            # Some shared filesystems refuse flock (ENOLCK); running unlocked beats not running.
+            get_logger("run").warning("cannot lock %s (%s); running without a lock", run_dir, error)
+            locked = False
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,1 @@
+"""eval: Japanese evaluation (JGLUE / llm-jp-eval style, bits per character, JA MT-Bench)."""
