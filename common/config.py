@@ -148,7 +148,10 @@ def _dotted(loc: Sequence[int | str]) -> str:
 def _describe(cls: type[Config], error: dict, source: str, overridden: set[str]) -> str:
     loc = [part for part in error["loc"] if not _is_union_tag(part)]
     key = _dotted(loc)
-    origin = " (from the command line)" if key in overridden else ""
+    from_command_line = any(
+        key == given or given.startswith(f"{key}.") or key.startswith(f"{given}.") for given in overridden
+    )
+    origin = " (from the command line)" if from_command_line else ""
     kind = error["type"]
     if kind == "extra_forbidden":
         hint = ""

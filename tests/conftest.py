@@ -1,0 +1,67 @@
+"""Shared test fixtures: no network, offline W&B and Hugging Face, the real shared data, the kinoe command."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Set before anything imports wandb or huggingface_hub, and inherited by subprocesses.
+os.environ.update({"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+
+_real_connect = socket.socket.connect
+
+
+def _loopback_only(sock: socket.socket, address, *args, **kwargs):
+    """Tests reach only servers they start on this machine."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        host = address[0]
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise OSError(f"tests may not use the network (tried {host})")
+    return _real_connect(sock, address, *args, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    monkeypatch.setattr(socket.socket, "connect", _loopback_only)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data (licensed real data, never copied into the project); skip when absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} is absent (see ../shared/data/SOURCES.md)")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def kinoe(tmp_path):
+    """Run the installed ``kinoe`` console script; returns the CompletedProcess."""
+    script = Path(sys.executable).parent / "kinoe"
+    if not script.exists():
+        pytest.fail(f"{script} missing: install kinoe with 'pip install -e .' (make test does)")
+
+    def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):
+        environment = {**os.environ, "KINOE_RUN_ROOT": str(tmp_path / "runs"), **(env or {})}
+        return subprocess.run(
+            [str(script), *args],
+            capture_output=True,
+            text=True,
+            cwd=cwd or REPO,
+            env=environment,
+            timeout=300,
+        )
+
+    return run

@@ -1,0 +1,55 @@
+"""The shared environment and project layout stay consistent: one set of pins, every stage package present."""
+
+from __future__ import annotations
+
+import importlib
+import tomllib
+from pathlib import Path
+
+import yaml
+from packaging.requirements import Requirement
+
+from conftest import REPO
+
+STAGE_PACKAGES = ("common", "data_prep", "tokenizer", "pretrain", "finetune", "eval", "launch")
+
+
+def pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def environment() -> dict:
+    return yaml.safe_load((REPO / "environment.yml").read_text())
+
+
+def test_environment_pins_equal_pyproject_pins():
+    project = pyproject()["project"]
+    wanted = {Requirement(r).name: str(Requirement(r).specifier) for r in project["dependencies"]}
+    wanted |= {Requirement(r).name: str(Requirement(r).specifier) for r in project["optional-dependencies"]["dev"]}
+    pip_section = next(d["pip"] for d in environment()["dependencies"] if isinstance(d, dict))
+    pinned = {Requirement(r).name: str(Requirement(r).specifier) for r in pip_section}
+    assert pinned == wanted
+    assert all(spec.startswith("==") for spec in pinned.values()), "the shared environment pins exact versions"
+
+
+def test_python_version_agrees():
+    conda = [d for d in environment()["dependencies"] if isinstance(d, str)]
+    assert "python=3.11" in conda
+    assert pyproject()["project"]["requires-python"] == ">=3.11,<3.12"
+
+
+def test_gpu_extra_is_documented_in_environment_file():
+    (flash,) = pyproject()["project"]["optional-dependencies"]["gpu"]
+    assert flash in (REPO / "environment.yml").read_text()
+
+
+def test_every_stage_package_imports():
+    for name in STAGE_PACKAGES:
+        module = importlib.import_module(name)
+        assert Path(module.__file__).parent == REPO / name, f"{name} resolves outside the checkout"
+
+
+def test_readme_opens_with_the_two_commands_and_ci_runs_the_tests():
+    opening = (REPO / "README.md").read_text().split("\n## ")[0]
+    assert "make quickstart" in opening and "make test" in opening
+    assert "make test" in (REPO / ".ci" / "run").read_text()

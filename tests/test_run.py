@@ -1,0 +1,191 @@
+"""The stage runner: run directories, manifests, skip on rerun, --force, failures, locks and secrets."""
+
+from __future__ import annotations
+
+import fcntl
+import gzip
+import hashlib
+import json
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from common.errors import KinoeError
+from common.manifest import FileRecord, hash_tree, read_manifest
+from common.progress import track
+from common.run import BOOKKEEPING, Stage, StageConfig, StageContext, load_stage_config, run_stage
+
+from conftest import REPO
+
+
+class CountConfig(StageConfig):
+    documents: Path
+    min_chars: int = 1
+    label: str = ""
+
+
+calls: list[str] = []
+
+
+def count_characters(context: StageContext[CountConfig]) -> dict:
+    """A small real stage: per-document character counts of a JSONL.gz file of documents."""
+    calls.append(context.config.run.name)
+    kept = []
+    with gzip.open(context.inputs["documents"], "rt", encoding="utf-8") as handle:
+        lines = handle.readlines()
+    for line in track(lines, "count", unit="docs", log_every_s=0.001):
+        document = json.loads(line)
+        if len(document["text"]) >= context.config.min_chars:
+            kept.append((document["id"], len(document["text"])))
+    context.logger.info("counted %d documents for %s", len(kept), context.config.label)
+    out = context.run_dir / "lengths"
+    out.mkdir(exist_ok=True)
+    (out / "lengths.tsv").write_text("".join(f"{i}\t{n}\n" for i, n in kept), encoding="utf-8")
+    (context.run_dir / "total.json").write_text(json.dumps({"documents": len(kept)}))
+    return {"documents": len(kept), "characters": sum(n for _, n in kept)}
+
+
+COUNT = Stage("count", CountConfig, count_characters, inputs=lambda c: {"documents": c.documents})
+
+
+@pytest.fixture
+def corpus(shared_data, tmp_path) -> Path:
+    """A private copy of the real Wikipedia leads, so tests may change it."""
+    path = tmp_path / "wiki.jsonl.gz"
+    shutil.copy(shared_data / "corpus" / "wikipedia_ja_leads.jsonl.gz", path)
+    return path
+
+
+@pytest.fixture
+def config_file(tmp_path, corpus) -> Path:
+    path = tmp_path / "leads.yaml"
+    path.write_text(f"documents: {corpus}\nmin_chars: 20\nrun:\n  root: {tmp_path / 'runs'}\n")
+    return path
+
+
+def test_run_writes_manifest_whose_output_hashes_match(config_file, tmp_path):
+    config = load_stage_config(CountConfig, config_file)
+    result = run_stage(COUNT, config)
+    assert result.status == "complete"
+    run_dir = tmp_path / "runs" / "count" / "leads"
+    assert result.run_dir == run_dir
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stage"] == "count" and manifest["status"] == "complete"
+    assert manifest["config"]["min_chars"] == 20
+    with gzip.open(config.documents, "rt", encoding="utf-8") as handle:
+        lengths = [len(json.loads(line)["text"]) for line in handle]
+    assert len(lengths) == 2022  # the real article leads, see ../shared/data/SOURCES.md
+    assert manifest["summary"]["documents"] == sum(n >= 20 for n in lengths)
+    assert manifest["versions"]["torch"].startswith("2.13.0") and manifest["versions"]["python"]
+    assert manifest["host"]["hostname"] and manifest["started_at"] and manifest["finished_at"]
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert manifest["git"]["commit"] == head.stdout.strip()
+        assert isinstance(manifest["git"]["dirty"], bool)
+    outputs = {f["path"]: f for f in manifest["outputs"]["files"]}
+    assert set(outputs) == {"lengths/lengths.tsv", "total.json"}
+    for relative, record in outputs.items():
+        data = (run_dir / relative).read_bytes()
+        assert record["sha256"] == hashlib.sha256(data).hexdigest() and record["bytes"] == len(data)
+    source = manifest["inputs"]["documents"]["files"][0]
+    assert source["sha256"] == hashlib.sha256(Path(config.documents).read_bytes()).hexdigest()
+    assert (run_dir / "config.yaml").read_text().startswith("run:")
+    log = (run_dir / "logs" / "count.log").read_text()
+    assert "counted" in log and "docs/s" in log and "ETA" in log
+
+
+def test_rerun_with_same_inputs_is_skipped_and_force_redoes_it(config_file, tmp_path):
+    calls.clear()
+    first = run_stage(COUNT, load_stage_config(CountConfig, config_file))
+    again = run_stage(COUNT, load_stage_config(CountConfig, config_file))
+    assert again.status == "skipped" and calls == ["leads"]
+    assert again.manifest.started_at == first.manifest.started_at
+    stale = first.run_dir / "stale.txt"
+    stale.write_text("left from an earlier run")
+    forced = run_stage(COUNT, load_stage_config(CountConfig, config_file), force=True)
+    assert forced.status == "complete" and calls == ["leads", "leads"]
+    assert not stale.exists()
+    assert forced.manifest.outputs.sha256 == first.manifest.outputs.sha256
+
+
+def test_changed_config_is_refused_with_the_changed_key(config_file):
+    run_stage(COUNT, load_stage_config(CountConfig, config_file))
+    with pytest.raises(KinoeError, match=r"changed: min_chars\).*--force"):
+        run_stage(COUNT, load_stage_config(CountConfig, config_file, ["min_chars=50"]))
+    other = run_stage(COUNT, load_stage_config(CountConfig, config_file, ["min_chars=50", "run.name=long"]))
+    assert other.status == "complete" and other.run_dir.name == "long"
+
+
+def test_changed_input_content_is_refused(config_file, corpus):
+    run_stage(COUNT, load_stage_config(CountConfig, config_file))
+    with gzip.open(corpus, "at", encoding="utf-8") as handle:
+        handle.write(json.dumps({"id": "new", "text": "追加された記事の本文です。", "source": "test"}) + "\n")
+    with pytest.raises(KinoeError, match="changed: input documents"):
+        run_stage(COUNT, load_stage_config(CountConfig, config_file))
+
+
+def test_missing_input_names_the_config_key(config_file, corpus):
+    corpus.unlink()
+    with pytest.raises(KinoeError, match=r"input documents = .* does not exist; fix documents"):
+        run_stage(COUNT, load_stage_config(CountConfig, config_file))
+
+
+def test_failed_run_is_recorded_and_rerun(config_file, tmp_path):
+    def broken(context):
+        raise RuntimeError("disk on fire")
+
+    failing = Stage("count", CountConfig, broken, inputs=COUNT.inputs)
+    with pytest.raises(RuntimeError):
+        run_stage(failing, load_stage_config(CountConfig, config_file))
+    manifest = read_manifest(tmp_path / "runs" / "count" / "leads")
+    assert manifest.status == "failed" and manifest.error == "RuntimeError: disk on fire"
+    assert manifest.outputs is None
+    assert run_stage(COUNT, load_stage_config(CountConfig, config_file)).status == "complete"
+
+
+def test_secrets_never_reach_manifest_config_or_log(config_file, tmp_path, monkeypatch):
+    key = secrets.token_hex(20)
+    monkeypatch.setenv("WANDB_API_KEY", key)
+    # A user pasting the key into a config value is the worst case the runner must survive.
+    result = run_stage(COUNT, load_stage_config(CountConfig, config_file, [f"label={key}"]))
+    written = [p for p in result.run_dir.rglob("*") if p.is_file()]
+    assert {"manifest.json", "config.yaml", "count.log"} <= {p.name for p in written}
+    for path in written:
+        assert key not in path.read_text(encoding="utf-8", errors="replace"), path
+    assert "<redacted:WANDB_API_KEY>" in (result.run_dir / "manifest.json").read_text()
+
+
+def test_concurrent_run_of_same_directory_is_refused(config_file, tmp_path):
+    run_dir = tmp_path / "runs" / "count" / "leads"
+    run_dir.mkdir(parents=True)
+    with (run_dir / ".lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(KinoeError, match="another kinoe process is writing"):
+            run_stage(COUNT, load_stage_config(CountConfig, config_file))
+
+
+def test_bookkeeping_is_not_counted_as_output(config_file):
+    result = run_stage(COUNT, load_stage_config(CountConfig, config_file))
+    names = {Path(f.path).parts[0] for f in result.manifest.outputs.files}
+    assert not names & set(BOOKKEEPING)
+
+
+def test_hash_tree_reuses_hashes_only_for_unchanged_files(tmp_path):
+    data = tmp_path / "tree"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.txt").write_text("いろはにほへと")
+    (data / "sub" / "b.txt").write_text("ちりぬるを")
+    fresh = hash_tree(data)
+    assert [f.path for f in fresh.files] == ["a.txt", "sub/b.txt"]
+    # A recorded hash is trusted while size and mtime are unchanged (no reread) ...
+    planted = [f.model_copy(update={"sha256": "0" * 64}) if f.path == "a.txt" else f for f in fresh.files]
+    assert hash_tree(data, known=planted).files[0].sha256 == "0" * 64
+    # ... and recomputed as soon as either changes.
+    (data / "a.txt").write_text("いろはにほへと。")
+    recomputed = hash_tree(data, known=planted).files[0]
+    assert recomputed.sha256 == hashlib.sha256("いろはにほへと。".encode()).hexdigest()
+    assert isinstance(recomputed, FileRecord)
+    assert hash_tree(data).sha256 != fresh.sha256
