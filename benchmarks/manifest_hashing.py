@@ -39,8 +39,12 @@ def main() -> None:
     print(f"host: {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
     print("| pass | files | MB | seconds | MB/s | µs per file |")
     print("|---|---:|---:|---:|---:|---:|")
-    print(f"| first (read and hash) | {args.files:,} | {total_mb:,.0f} | {cold:.2f} | {total_mb / cold:,.0f} | {1e6 * cold / args.files:,.0f} |")
-    print(f"| rerun (size+mtime unchanged) | {args.files:,} | {total_mb:,.0f} | {cached:.3f} | - | {1e6 * cached / args.files:,.1f} |")
+    print(
+        f"| first (read and hash) | {args.files:,} | {total_mb:,.0f} | {cold:.2f} | {total_mb / cold:,.0f} | {1e6 * cold / args.files:,.0f} |"
+    )
+    print(
+        f"| rerun (size+mtime unchanged) | {args.files:,} | {total_mb:,.0f} | {cached:.3f} | - | {1e6 * cached / args.files:,.1f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -60,7 +60,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text ({err.reason}); save the config as UTF-8") from None
+        raise ConfigError(
+            f"{path}: not UTF-8 text ({err.reason}); save the config as UTF-8"
+        ) from None
     except yaml.YAMLError as err:
         where = ""
         mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
@@ -71,7 +73,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of keys, not {type(data).__name__}"
+        )
     return data
 
 
@@ -149,7 +153,8 @@ def _describe(cls: type[Config], error: dict, source: str, overridden: set[str])
     loc = [part for part in error["loc"] if not _is_union_tag(part)]
     key = _dotted(loc)
     from_command_line = any(
-        key == given or given.startswith(f"{key}.") or key.startswith(f"{given}.") for given in overridden
+        key == given or given.startswith(f"{key}.") or key.startswith(f"{given}.")
+        for given in overridden
     )
     origin = " (from the command line)" if from_command_line else ""
     kind = error["type"]

@@ -87,7 +87,7 @@ class Manifest(BaseModel):
 
     kinoe_manifest: int = MANIFEST_VERSION
     stage: str
-    status: Literal["running", "complete", "failed"]
+    status: Literal["running", "submitted", "complete", "failed"]
     run_dir: str
     fingerprint: str = Field(description="SHA-256 of the resolved config and the input hashes")
     config: dict[str, Any]
@@ -143,7 +143,10 @@ def hash_tree(
             continue
         files.append(
             FileRecord(
-                path=relative, bytes=stat.st_size, mtime_ns=stat.st_mtime_ns, sha256=sha256_file(path)
+                path=relative,
+                bytes=stat.st_size,
+                mtime_ns=stat.st_mtime_ns,
+                sha256=sha256_file(path),
             )
         )
     combined = hashlib.sha256()
@@ -195,7 +198,9 @@ def host_info() -> dict[str, Any]:
         "pid": os.getpid(),
         "python": sys.executable,
         "cpus": os.cpu_count(),
-        "environment": {name: os.environ[name] for name in RECORDED_ENVIRONMENT if name in os.environ},
+        "environment": {
+            name: os.environ[name] for name in RECORDED_ENVIRONMENT if name in os.environ
+        },
     }
 
 

@@ -30,7 +30,9 @@ def format_progress(done: int, total: int | None, elapsed_s: float, unit: str) -
             eta = str(dt.timedelta(seconds=round(max(total - done, 0) / rate)))
         else:
             eta = "unknown"
-        return f"{done:,}/{total:,} {unit}{share}, {rate:,.1f} {unit}/s, elapsed {elapsed}, ETA {eta}"
+        return (
+            f"{done:,}/{total:,} {unit}{share}, {rate:,.1f} {unit}/s, elapsed {elapsed}, ETA {eta}"
+        )
     return f"{done:,} {unit}, {rate:,.1f} {unit}/s, elapsed {elapsed}"
 
 
@@ -56,7 +58,9 @@ class Progress:
         self._last_log = self._start
         live = sys.stderr.isatty() if live is None else live
         self._bar = (
-            tqdm(total=total, desc=description, unit=f" {unit}", unit_scale=True, dynamic_ncols=True)
+            tqdm(
+                total=total, desc=description, unit=f" {unit}", unit_scale=True, dynamic_ncols=True
+            )
             if live
             else None
         )

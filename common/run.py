@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import Field, field_validator
 
@@ -86,6 +86,10 @@ class RunConfig(Config):
 class StageConfig(Config):
     """Base of every stage's config: it has a ``run`` section."""
 
+    # Top-level sections that say where or how a stage runs, not what it computes: they stay
+    # out of the fingerprint, so moving a run to SLURM or another run root does not redo it.
+    fingerprint_exclude: ClassVar[frozenset[str]] = frozenset({"run"})
+
     run: RunConfig = Field(default_factory=RunConfig)
 
 
@@ -115,15 +119,27 @@ class Stage(Generic[C]):
 
     name: str
     config_type: type[C]
-    body: Callable[[StageContext[C]], dict[str, Any] | None]
+    body: Callable[[StageContext[C]], dict[str, Any] | Submitted | None]
     inputs: Callable[[C], dict[str, Path]] = field(default=lambda config: {})
 
 
 @dataclass
-class StageResult:
-    """How a stage run ended: ``complete`` (work done now) or ``skipped`` (done before)."""
+class Submitted:
+    """What a stage body returns when it handed its work to a scheduler instead of doing it.
 
-    status: Literal["complete", "skipped"]
+    The manifest then says ``submitted``; the scheduler's last job runs the stage again,
+    which finds the work done, and completes the manifest.
+    """
+
+    jobs: list[str]
+    note: str
+
+
+@dataclass
+class StageResult:
+    """How a stage run ended: ``complete`` (done now), ``skipped`` (done before) or ``submitted``."""
+
+    status: Literal["complete", "skipped", "submitted"]
     run_dir: Path
     manifest: Manifest
 
@@ -165,10 +181,12 @@ def run_stage(
         previous = read_manifest(run_dir)
         config_data = config.model_dump(mode="json")
         input_records = _hash_inputs(inputs, previous)
-        fingerprint = _fingerprint(config_data, input_records)
+        fingerprint = _fingerprint(config_data, input_records, config.fingerprint_exclude)
         if previous is not None and not force:
             if previous.fingerprint != fingerprint:
-                raise KinoeError(_mismatch_message(stage.name, run_dir, previous, config_data, input_records))
+                raise KinoeError(
+                    _mismatch_message(stage.name, run_dir, previous, config, input_records)
+                )
             if previous.status == "complete":
                 logger.info(
                     "%s: skipped, %s is complete for this config and these inputs (--force redoes it)",
@@ -208,13 +226,24 @@ def run_stage(
             if main:
                 write_manifest(run_dir, manifest)
             raise
+        _finish(manifest, started)
+        if isinstance(summary, Submitted):
+            manifest.status = "submitted"
+            manifest.summary = {"jobs": summary.jobs, "note": summary.note}
+            if main:
+                write_manifest(run_dir, manifest)
+            logger.info(
+                "%s: submitted jobs %s; %s", stage.name, ", ".join(summary.jobs), summary.note
+            )
+            return StageResult("submitted", run_dir, manifest)
         manifest.status = "complete"
         manifest.summary = summary
-        _finish(manifest, started)
         if main:
             manifest.outputs = hash_tree(run_dir, exclude=BOOKKEEPING)
             write_manifest(run_dir, manifest)
-        logger.info("%s: complete in %.1f s, outputs in %s", stage.name, manifest.duration_s, run_dir)
+        logger.info(
+            "%s: complete in %.1f s, outputs in %s", stage.name, manifest.duration_s, run_dir
+        )
         return StageResult("complete", run_dir, manifest)
 
 
@@ -222,7 +251,9 @@ def _resolve_inputs(stage: Stage[C], config: C) -> dict[str, Path]:
     inputs = {key: Path(path) for key, path in stage.inputs(config).items()}
     for key, path in inputs.items():
         if not path.exists():
-            raise KinoeError(f"{stage.name}: input {key} = {path} does not exist; fix {key} in the config")
+            raise KinoeError(
+                f"{stage.name}: input {key} = {path} does not exist; fix {key} in the config"
+            )
     return inputs
 
 
@@ -234,10 +265,11 @@ def _hash_inputs(inputs: dict[str, Path], previous: Manifest | None) -> dict[str
     return records
 
 
-def _fingerprint(config_data: dict[str, Any], inputs: dict[str, TreeRecord]) -> str:
-    # Where a run is written is not what it computes, so the run section stays out.
+def _fingerprint(
+    config_data: dict[str, Any], inputs: dict[str, TreeRecord], exclude: frozenset[str]
+) -> str:
     what = {
-        "config": {key: value for key, value in config_data.items() if key != "run"},
+        "config": {key: value for key, value in config_data.items() if key not in exclude},
         "inputs": {key: record.sha256 for key, record in inputs.items()},
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
@@ -256,16 +288,21 @@ def _mismatch_message(
     stage: str,
     run_dir: Path,
     previous: Manifest,
-    config_data: dict[str, Any],
+    config: StageConfig,
     inputs: dict[str, TreeRecord],
 ) -> str:
-    before = _flatten({k: v for k, v in previous.config.items() if k != "run"})
-    after = _flatten({k: v for k, v in config_data.items() if k != "run"})
-    changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+    exclude = config.fingerprint_exclude
+    before = _flatten({k: v for k, v in previous.config.items() if k not in exclude})
+    after = _flatten({k: v for k, v in config.model_dump(mode="json").items() if k not in exclude})
+    changed = sorted(
+        key for key in before.keys() | after.keys() if before.get(key) != after.get(key)
+    )
     changed += sorted(
         f"input {key}"
         for key in previous.inputs.keys() | inputs.keys()
-        if key not in previous.inputs or key not in inputs or previous.inputs[key].sha256 != inputs[key].sha256
+        if key not in previous.inputs
+        or key not in inputs
+        or previous.inputs[key].sha256 != inputs[key].sha256
     )
     shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
     return (

@@ -42,7 +42,8 @@ class DoctorConfig(Config):
     expect_gpus: int = Field(0, ge=0, description="Fail with fewer visible GPUs than this")
     require_bf16: bool = Field(False, description="Fail if a visible GPU cannot compute in bf16")
     deepspeed_ops: list[str] = Field(
-        default_factory=list, description="DeepSpeed ops that must be buildable here, e.g. fused_adam"
+        default_factory=list,
+        description="DeepSpeed ops that must be buildable here, e.g. fused_adam",
     )
     require_wandb_login: bool = Field(False, description="Fail when no W&B API key is configured")
 
@@ -95,7 +96,9 @@ def diagnose(config: DoctorConfig) -> Report:
 
 def _check_python(report: Report) -> None:
     environment = os.environ.get("CONDA_PREFIX") or sys.prefix
-    report.fact("python", f"{platform.python_version()} ({sys.executable}; environment {environment})")
+    report.fact(
+        "python", f"{platform.python_version()} ({sys.executable}; environment {environment})"
+    )
     if sys.version_info[:2] != SUPPORTED_PYTHON:
         wanted = ".".join(map(str, SUPPORTED_PYTHON))
         report.problem(
@@ -108,7 +111,10 @@ def _check_kinoe(report: Report) -> None:
     git = git_state()
     where = Path(__file__).resolve().parent.parent
     dirty = {True: ", uncommitted changes", False: "", None: ""}[git["dirty"]]
-    report.fact("kinoe", f"{_installed('kinoe') or 'not installed'} at {where} (commit {git['commit'][:12]}{dirty})")
+    report.fact(
+        "kinoe",
+        f"{_installed('kinoe') or 'not installed'} at {where} (commit {git['commit'][:12]}{dirty})",
+    )
 
 
 def _check_packages(report: Report) -> None:
@@ -116,7 +122,9 @@ def _check_packages(report: Report) -> None:
     try:
         requirements = importlib.metadata.requires("kinoe") or []
     except importlib.metadata.PackageNotFoundError:
-        report.problem("kinoe: not installed in this environment; run 'pip install -e .' in the checkout")
+        report.problem(
+            "kinoe: not installed in this environment; run 'pip install -e .' in the checkout"
+        )
         return
     checked = 0
     for text in requirements:
@@ -145,7 +153,9 @@ def _check_torch(report: Report, config: DoctorConfig) -> None:
         import torch
     except Exception as error:  # a broken CUDA install raises more than ImportError
         report.fact("torch", f"cannot import ({type(error).__name__}: {error})")
-        report.problem(f"torch: import failed ({error}); reinstall torch==2.13.0 in the environment")
+        report.problem(
+            f"torch: import failed ({error}); reinstall torch==2.13.0 in the environment"
+        )
         return
     cuda_build = torch.version.cuda or "none (CPU build)"
     available = torch.cuda.is_available()
@@ -160,16 +170,29 @@ def _check_torch(report: Report, config: DoctorConfig) -> None:
     for index in range(count):
         properties = torch.cuda.get_device_properties(index)
         memory = properties.total_memory / 2**30
-        report.fact(f"  cuda:{index}", f"{properties.name}, {memory:.0f} GiB, compute {properties.major}.{properties.minor}")
+        report.fact(
+            f"  cuda:{index}",
+            f"{properties.name}, {memory:.0f} GiB, compute {properties.major}.{properties.minor}",
+        )
     if count < config.expect_gpus:
-        reason = "torch is a CPU build" if torch.version.cuda is None else (
-            "CUDA_VISIBLE_DEVICES hides them" if visible == "" else "check the job's --gpus request and the driver"
+        reason = (
+            "torch is a CPU build"
+            if torch.version.cuda is None
+            else (
+                "CUDA_VISIBLE_DEVICES hides them"
+                if visible == ""
+                else "check the job's --gpus request and the driver"
+            )
         )
         report.problem(f"GPUs: {count} visible, expected {config.expect_gpus}; {reason}")
     if count and nccl == "not available":
-        report.problem("NCCL: torch sees GPUs but has no NCCL; install the CUDA build of torch==2.13.0")
+        report.problem(
+            "NCCL: torch sees GPUs but has no NCCL; install the CUDA build of torch==2.13.0"
+        )
     if count and config.require_bf16 and not torch.cuda.is_bf16_supported():
-        report.problem("bf16: the visible GPU cannot compute in bf16; train with fp16 or use Ampere or newer")
+        report.problem(
+            "bf16: the visible GPU cannot compute in bf16; train with fp16 or use Ampere or newer"
+        )
 
 
 def _check_deepspeed(report: Report, config: DoctorConfig) -> None:
@@ -195,7 +218,9 @@ def _check_deepspeed(report: Report, config: DoctorConfig) -> None:
                 (buildable if compatible else not_buildable).append(name)
     except Exception as error:
         report.fact("deepspeed", f"cannot import ({type(error).__name__}: {error})")
-        report.problem(f"deepspeed: import failed ({error}); reinstall deepspeed==0.19.8 in the environment")
+        report.problem(
+            f"deepspeed: import failed ({error}); reinstall deepspeed==0.19.8 in the environment"
+        )
         return
     finally:
         logging.disable(previous_level)
@@ -204,7 +229,9 @@ def _check_deepspeed(report: Report, config: DoctorConfig) -> None:
     report.fact("  ops not buildable", ", ".join(not_buildable) or "none")
     for name in config.deepspeed_ops:
         if name not in ALL_OPS:
-            report.problem(f"deepspeed op {name}: unknown for accelerator {accelerator}; known: {', '.join(sorted(ALL_OPS))}")
+            report.problem(
+                f"deepspeed op {name}: unknown for accelerator {accelerator}; known: {', '.join(sorted(ALL_OPS))}"
+            )
         elif name not in buildable:
             report.problem(
                 f"deepspeed op {name}: cannot be built here; see 'ds_report' for the missing compiler or CUDA headers"
@@ -221,14 +248,21 @@ def _check_wandb(report: Report, config: DoctorConfig) -> None:
     else:
         state = "not logged in"
     report.fact("wandb", f"{version}, {state}, mode {mode}")
-    if config.require_wandb_login and state == "not logged in" and mode not in ("offline", "disabled"):
+    if (
+        config.require_wandb_login
+        and state == "not logged in"
+        and mode not in ("offline", "disabled")
+    ):
         report.problem(
             "wandb: no API key; run 'wandb login' once, or export WANDB_API_KEY in the job, or set WANDB_MODE=offline"
         )
 
 
 def _netrc_has_wandb_key() -> bool:
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    host = (
+        urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+        or "api.wandb.ai"
+    )
     path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     try:
         entry = netrc.netrc(str(path)).authenticators(host)
@@ -246,7 +280,9 @@ def _check_disk(report: Report, config: DoctorConfig) -> None:
     note = "" if existing == root else f" (not created yet; measured at {existing})"
     report.fact("run root", f"{root}: {free_gib:,.1f} GiB free{note}")
     if not os.access(existing, os.W_OK):
-        report.problem(f"run root: {existing} is not writable; set run_root to a directory you can write")
+        report.problem(
+            f"run root: {existing} is not writable; set run_root to a directory you can write"
+        )
     if free_gib < config.min_free_disk_gb:
         report.problem(
             f"run root: {free_gib:,.1f} GiB free at {existing}, need {config.min_free_disk_gb:,.1f}; "

@@ -26,18 +26,40 @@ def test_every_listed_command_has_help(kinoe):
 def test_doctor_passes_on_this_cpu_machine(kinoe):
     result = kinoe("doctor")
     assert result.returncode == 0, result.stdout + result.stderr
-    for item in ("python", "torch", "GPUs", "deepspeed", "ops buildable", "datatrove", "transformers",
-                 "sentencepiece", "wandb", "run root"):
-        assert any(line.startswith(item) or line.strip().startswith(item) for line in result.stdout.splitlines()), item
+    for item in (
+        "python",
+        "torch",
+        "GPUs",
+        "deepspeed",
+        "ops buildable",
+        "datatrove",
+        "transformers",
+        "sentencepiece",
+        "wandb",
+        "run root",
+    ):
+        assert any(
+            line.startswith(item) or line.strip().startswith(item)
+            for line in result.stdout.splitlines()
+        ), item
     assert "no problems found" in result.stdout
 
 
 @pytest.mark.parametrize(
     ("args", "key"),
     [
-        (["expect_gpu=1"], "unknown key 'expect_gpu' (from the command line); did you mean expect_gpus?"),
-        (["expect_gpus=two"], "'expect_gpus' (from the command line): Input should be a valid integer"),
-        (["min_free_disk_gb=-5"], "'min_free_disk_gb' (from the command line): Input should be greater than or equal to 0"),
+        (
+            ["expect_gpu=1"],
+            "unknown key 'expect_gpu' (from the command line); did you mean expect_gpus?",
+        ),
+        (
+            ["expect_gpus=two"],
+            "'expect_gpus' (from the command line): Input should be a valid integer",
+        ),
+        (
+            ["min_free_disk_gb=-5"],
+            "'min_free_disk_gb' (from the command line): Input should be greater than or equal to 0",
+        ),
     ],
 )
 def test_config_errors_are_one_line_with_exit_code_2(kinoe, args, key):

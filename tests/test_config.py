@@ -53,7 +53,9 @@ def error_of(tmp_path, text: str, *overrides: str) -> str:
 def test_yaml_and_overrides_are_typed(tmp_path):
     path = write(tmp_path, "train:\n  lr: 3e-4\nsources:\n  - path: wiki\n  - path: web\n")
     config = load_config(
-        Experiment, path, ["train.steps=500", "train.bf16=true", "sources.1.weight=0.25", "model.hidden=128"]
+        Experiment,
+        path,
+        ["train.steps=500", "train.bf16=true", "sources.1.weight=0.25", "model.hidden=128"],
     )
     assert config.train.lr == pytest.approx(3e-4)
     assert config.train.steps == 500 and config.train.bf16 is True
@@ -139,7 +141,9 @@ def test_missing_file(tmp_path):
 
 
 def test_dump_round_trips(tmp_path):
-    config = load_config(Experiment, write(tmp_path, "sources:\n  - path: ウィキペディア\n"), ["train.lr=0.5"])
+    config = load_config(
+        Experiment, write(tmp_path, "sources:\n  - path: ウィキペディア\n"), ["train.lr=0.5"]
+    )
     path = tmp_path / "resolved.yaml"
     path.write_text(dump_config(config), encoding="utf-8")
     assert "ウィキペディア" in path.read_text(encoding="utf-8")

@@ -25,11 +25,16 @@ def environment() -> dict:
 def test_environment_pins_equal_pyproject_pins():
     project = pyproject()["project"]
     wanted = {Requirement(r).name: str(Requirement(r).specifier) for r in project["dependencies"]}
-    wanted |= {Requirement(r).name: str(Requirement(r).specifier) for r in project["optional-dependencies"]["dev"]}
+    wanted |= {
+        Requirement(r).name: str(Requirement(r).specifier)
+        for r in project["optional-dependencies"]["dev"]
+    }
     pip_section = next(d["pip"] for d in environment()["dependencies"] if isinstance(d, dict))
     pinned = {Requirement(r).name: str(Requirement(r).specifier) for r in pip_section}
     assert pinned == wanted
-    assert all(spec.startswith("==") for spec in pinned.values()), "the shared environment pins exact versions"
+    assert all(spec.startswith("==") for spec in pinned.values()), (
+        "the shared environment pins exact versions"
+    )
 
 
 def test_python_version_agrees():

@@ -20,7 +20,9 @@ def test_format_without_total_or_time():
 def test_logged_progress_without_terminal(caplog):
     logger = logging.getLogger("kinoe.test_progress")
     with caplog.at_level(logging.INFO, logger="kinoe.test_progress"):
-        items = list(track(range(50), "encode", unit="docs", log_every_s=0.0, live=False, logger=logger))
+        items = list(
+            track(range(50), "encode", unit="docs", log_every_s=0.0, live=False, logger=logger)
+        )
     assert items == list(range(50))
     messages = [record.getMessage() for record in caplog.records]
     assert messages[0].startswith("encode: 1/50 docs (2.0%)")

@@ -81,7 +81,9 @@ def test_run_writes_manifest_whose_output_hashes_match(config_file, tmp_path):
     assert manifest["summary"]["documents"] == sum(n >= 20 for n in lengths)
     assert manifest["versions"]["torch"].startswith("2.13.0") and manifest["versions"]["python"]
     assert manifest["host"]["hostname"] and manifest["started_at"] and manifest["finished_at"]
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
     if head.returncode == 0:
         assert manifest["git"]["commit"] == head.stdout.strip()
         assert isinstance(manifest["git"]["dirty"], bool)
@@ -115,14 +117,18 @@ def test_changed_config_is_refused_with_the_changed_key(config_file):
     run_stage(COUNT, load_stage_config(CountConfig, config_file))
     with pytest.raises(KinoeError, match=r"changed: min_chars\).*--force"):
         run_stage(COUNT, load_stage_config(CountConfig, config_file, ["min_chars=50"]))
-    other = run_stage(COUNT, load_stage_config(CountConfig, config_file, ["min_chars=50", "run.name=long"]))
+    other = run_stage(
+        COUNT, load_stage_config(CountConfig, config_file, ["min_chars=50", "run.name=long"])
+    )
     assert other.status == "complete" and other.run_dir.name == "long"
 
 
 def test_changed_input_content_is_refused(config_file, corpus):
     run_stage(COUNT, load_stage_config(CountConfig, config_file))
     with gzip.open(corpus, "at", encoding="utf-8") as handle:
-        handle.write(json.dumps({"id": "new", "text": "追加された記事の本文です。", "source": "test"}) + "\n")
+        handle.write(
+            json.dumps({"id": "new", "text": "追加された記事の本文です。", "source": "test"}) + "\n"
+        )
     with pytest.raises(KinoeError, match="changed: input documents"):
         run_stage(COUNT, load_stage_config(CountConfig, config_file))
 
@@ -181,7 +187,9 @@ def test_hash_tree_reuses_hashes_only_for_unchanged_files(tmp_path):
     fresh = hash_tree(data)
     assert [f.path for f in fresh.files] == ["a.txt", "sub/b.txt"]
     # A recorded hash is trusted while size and mtime are unchanged (no reread) ...
-    planted = [f.model_copy(update={"sha256": "0" * 64}) if f.path == "a.txt" else f for f in fresh.files]
+    planted = [
+        f.model_copy(update={"sha256": "0" * 64}) if f.path == "a.txt" else f for f in fresh.files
+    ]
     assert hash_tree(data, known=planted).files[0].sha256 == "0" * 64
     # ... and recomputed as soon as either changes.
     (data / "a.txt").write_text("いろはにほへと。")
