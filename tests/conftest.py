@@ -1,4 +1,6 @@
-"""Shared test fixtures: no network, offline W&B and Hugging Face, the real shared data, the kinoe command."""
+"""Shared test fixtures: no network, offline W&B and Hugging Face, the real shared data, the kinoe command.
+
+Also ``slurm_cluster``: a real SLURM cluster on this machine (tests/slurm_cluster.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from slurm_cluster import LocalSlurmCluster, slurm_available
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -65,3 +69,17 @@ def kinoe(tmp_path):
         )
 
     return run
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """One real SLURM cluster (munged, slurmctld, slurmd on this machine) for the whole session.
+
+    Skips with the reason when SLURM is not installed or the tests do not run as root. Jobs run as
+    root, so they can write into any test's tmp_path. See tests/slurm_cluster.py.
+    """
+    reason = slurm_available()
+    if reason:
+        pytest.skip(reason)
+    with LocalSlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster
