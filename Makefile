@@ -24,9 +24,12 @@ lint: $(INSTALLED)
 test: lint
 	$(PY) -m pytest -q
 
-# Runs every stage that exists, on the bundled corpus, on CPU.
+# Runs every stage that exists, on the bundled corpus, on CPU, and says where the results are.
+QUICKSTART_RUNS ?= runs/quickstart
 quickstart: $(INSTALLED)
-	$(VENV)/bin/kinoe doctor
+	$(VENV)/bin/kinoe doctor -c configs/doctor/workstation.yaml
+	$(VENV)/bin/kinoe data -c configs/data/quickstart.yaml run.root=$(QUICKSTART_RUNS)
+	@echo "quickstart done: documents in $(QUICKSTART_RUNS)/data/quickstart/documents, report in $(QUICKSTART_RUNS)/data/quickstart/report/report.md"
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

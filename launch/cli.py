@@ -18,6 +18,7 @@ from common.logs import setup_logging
 
 # name -> module; a command is listed here only once its stage exists.
 COMMANDS: dict[str, str] = {
+    "data": "data_prep.cli",
     "doctor": "launch.doctor",
 }
 

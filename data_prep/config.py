@@ -1,0 +1,221 @@
+"""The ``kinoe data`` config: sources, per-source normalisation and filter presets, dedup, executor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from common.config import Config
+from common.run import StageConfig
+from data_prep.filters import PRESETS, QualityConfig
+from data_prep.normalise import NormaliseConfig, normalise_preset
+
+SourceKind = Literal["c4_ja", "wikipedia_ja", "jsonl", "parquet", "aozora"]
+
+# Which filter and normalisation preset a source kind gets unless the source names one.
+DEFAULT_PRESET: dict[str, str] = {
+    "c4_ja": "web",
+    "wikipedia_ja": "wikipedia",
+    "jsonl": "web",
+    "parquet": "web",
+    "aozora": "literature",
+}
+
+C4_HUB_FOLDER = "hf://datasets/allenai/c4/multilingual"
+C4_JA_GLOB = "c4-ja.tfrecord-*.json.gz"
+WIKIPEDIA_HUB_FOLDER = "hf://datasets/wikimedia/wikipedia"
+
+
+class SourceConfig(Config):
+    """One input source; every document it yields is tagged ``source: <name>``."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="Tag written to each document")
+    kind: SourceKind
+    path: str | None = Field(
+        None,
+        description="Local folder (or fsspec URL) to read; for c4_ja and wikipedia_ja, "
+        "omit it to stream from the Hugging Face Hub",
+    )
+    glob: str | None = Field(None, description="Files to read under path, e.g. '*.jsonl.gz'")
+    text_field: str = "text"
+    id_field: str = "id"
+    wikipedia_dump: str = Field("20231101.ja", description="wikimedia/wikipedia config to stream")
+    limit: int = Field(-1, description="At most this many documents per task (-1: all); for trials")
+    preset: Literal["web", "wikipedia", "literature"] | None = Field(
+        None, description="Filter and normalisation preset; defaults by kind"
+    )
+    normalise: NormaliseConfig = Field(
+        default=None, description="Normalisation settings; the preset's, with any keys given here"
+    )
+    filters: QualityConfig = Field(
+        default=None,
+        description="Quality-filter thresholds; the preset's, with any keys given here",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _start_from_preset(cls, data: Any) -> Any:
+        """Fill ``normalise`` and ``filters`` from the preset, then apply the keys the user gave."""
+        if not isinstance(data, dict):
+            return data
+        preset = data.get("preset") or DEFAULT_PRESET.get(str(data.get("kind")), "web")
+        data = dict(data)
+        data["normalise"] = _merge(normalise_preset(preset).model_dump(), data.get("normalise"))
+        data["filters"] = _merge(PRESETS[preset].model_dump(), data.get("filters"))
+        return data
+
+    @model_validator(mode="after")
+    def _readable(self) -> SourceConfig:
+        if self.kind in ("jsonl", "parquet", "aozora") and not self.path:
+            raise ValueError(f"source {self.name!r} of kind {self.kind} needs a path to read")
+        return self
+
+    def folder(self) -> str:
+        """Where this source's files are: the local path or the Hub folder."""
+        if self.path:
+            return self.path
+        if self.kind == "c4_ja":
+            return C4_HUB_FOLDER
+        return f"{WIKIPEDIA_HUB_FOLDER}/{self.wikipedia_dump}"
+
+    def file_glob(self) -> str | None:
+        """Which files under ``folder()`` to read."""
+        if self.glob:
+            return self.glob
+        return {
+            "c4_ja": C4_JA_GLOB,
+            "wikipedia_ja": "*.parquet",
+            "jsonl": "**/*.jsonl*",
+            "parquet": "**/*.parquet",
+            "aozora": None,
+        }[self.kind]
+
+    def is_local(self) -> bool:
+        """True when the source reads files on this machine (an input kinoe can hash)."""
+        return bool(self.path) and "://" not in str(self.path)
+
+
+def _merge(base: dict[str, Any], given: Any) -> Any:
+    """``given`` laid over ``base`` key by key (nested dicts merged); non-dicts replace."""
+    if given is None:
+        return base
+    if not isinstance(given, dict):
+        return given
+    merged = dict(base)
+    for key, value in given.items():
+        merged[key] = _merge(base[key], value) if isinstance(base.get(key), dict) else value
+    return merged
+
+
+class MinhashSettings(Config):
+    """MinHash near-duplicate detection on character n-grams (LSH with bands of rows)."""
+
+    enabled: bool = True
+    ngram: int = Field(5, ge=1, description="Characters per shingle")
+    bands: int = Field(
+        14, ge=1, description="LSH bands (buckets); a pair matching in any band is a duplicate"
+    )
+    rows: int = Field(8, ge=1, description="Hashes per band")
+    seed: int = 1
+
+    @property
+    def threshold(self) -> float:
+        """Jaccard similarity at which a pair is found with probability about 1/2: (1/bands)^(1/rows)."""
+        return (1.0 / self.bands) ** (1.0 / self.rows)
+
+    def detection_probability(self, similarity: float) -> float:
+        """Probability that a pair with this Jaccard similarity shares at least one band."""
+        return 1.0 - (1.0 - similarity**self.rows) ** self.bands
+
+
+class DedupConfig(Config):
+    """Exact (whole normalised text) and near (MinHash) deduplication, across all sources and shards."""
+
+    exact: bool = True
+    minhash: MinhashSettings = Field(default_factory=MinhashSettings)
+
+
+class SlurmSettings(Config):
+    """How datatrove submits each step as a SLURM array job."""
+
+    partition: str = Field("", description="SLURM partition; required when executor.kind is slurm")
+    time: str = Field("04:00:00", description="Time limit per array task")
+    cpus_per_task: int = Field(1, ge=1)
+    mem_per_cpu_gb: int = Field(2, ge=1)
+    qos: str | None = None
+    env_command: str | None = Field(
+        None,
+        description="Shell line that activates the environment in each job; default puts this "
+        "interpreter's bin directory first on PATH",
+    )
+    sbatch_args: dict[str, str] = Field(default_factory=dict, description="Extra #SBATCH options")
+
+
+class ExecutorConfig(Config):
+    """Where the pipeline runs: local processes, or SLURM array jobs with dependencies."""
+
+    kind: Literal["local", "slurm"] = "local"
+    tasks: int = Field(
+        4, ge=1, description="Shards of the per-document steps (one output file each)"
+    )
+    workers: int = Field(
+        -1, description="Local processes at once (-1: one per task, at most the CPUs)"
+    )
+    slurm: SlurmSettings = Field(default_factory=SlurmSettings)
+
+    @model_validator(mode="after")
+    def _slurm_needs_partition(self) -> ExecutorConfig:
+        if self.kind == "slurm" and not self.slurm.partition:
+            raise ValueError(
+                "executor.kind is slurm but executor.slurm.partition is empty; name a partition"
+            )
+        return self
+
+
+class OutputConfig(Config):
+    """How kept and removed documents are written."""
+
+    format: Literal["jsonl.gz", "parquet"] = "jsonl.gz"
+    max_file_mb: int = Field(
+        -1, description="Start a new shard after this many MB per task (-1: one file per task)"
+    )
+
+
+class ReportConfig(Config):
+    """What the funnel report includes."""
+
+    samples_per_step: int = Field(
+        5, ge=0, description="Removed documents shown per filter for review"
+    )
+    sample_chars: int = Field(400, ge=20, description="Characters shown of each sample")
+
+
+class DataConfig(StageConfig):
+    """``kinoe data``: readers -> normalisation -> quality filters -> exact and MinHash dedup -> writers."""
+
+    fingerprint_exclude: ClassVar[frozenset[str]] = frozenset({"run", "executor"})
+
+    sources: list[SourceConfig] = Field(min_length=1)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+        names = [source.name for source in sources]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(repeated)}")
+        return sources
+
+    def local_inputs(self) -> dict[str, Path]:
+        """Each local source's path by config key, for hashing into the manifest."""
+        return {
+            f"sources.{index}.path": Path(source.path)
+            for index, source in enumerate(self.sources)
+            if source.is_local()
+        }

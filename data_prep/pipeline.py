@@ -1,0 +1,320 @@
+"""The data_prep pipeline as datatrove steps, and the executors that run them locally or on SLURM.
+
+Steps, each a datatrove executor depending on the one before (tasks in brackets)::
+
+    filter            [N]  readers -> count -> read_errors -> normalise -> quality filters -> work/filtered
+    exact_signature   [N]  work/filtered -> 64-bit hash of each text
+    exact_find        [1]  all hashes -> which documents repeat an earlier one
+    exact_filter      [N]  work/filtered -> drop repeats (removed/exact_dedup) -> work/exact_deduped
+    minhash_signature [N]  -> character n-gram MinHash signatures
+    minhash_buckets   [B]  one task per LSH band: candidate pairs
+    minhash_cluster   [1]  union-find over pairs: clusters, their sizes, who to drop
+    minhash_filter    [N]  -> drop all but one per cluster (removed/near_dedup) -> documents/
+
+Dedup steps find documents by their position in a task's input, so every step of a chain
+reads the same files with the same number of tasks. A disabled dedup drops its steps.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
+from datatrove.executor.base import PipelineExecutor
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.dedup.exact_dedup import (
+    ExactDedupFilter,
+    ExactDedupSignature,
+    ExactFindDedups,
+)
+from datatrove.pipeline.dedup.minhash import (
+    MinhashDedupBuckets,
+    MinhashDedupCluster,
+    MinhashDedupFilter,
+)
+
+from common.errors import KinoeError
+from data_prep.config import DataConfig
+from data_prep.dedup import CharacterMinhashSignature, exact_config, minhash_config
+from data_prep.filters import quality_steps
+from data_prep.normalise import Normaliser
+from data_prep.outputs import CountDocuments, TallyingJsonlWriter, TallyingParquetWriter
+from data_prep.sources import JsonlDocuments, ReadErrors, reader_for
+
+EXACT_DEDUP = "exact_dedup"
+NEAR_DEDUP = "near_dedup"
+INPUT_TALLY = "input"
+KEPT_TALLY = "kept"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where everything goes inside the run directory."""
+
+    root: Path
+
+    @property
+    def documents(self) -> Path:
+        return self.root / "documents"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    def removed(self, step: str) -> Path:
+        return self.root / "removed" / step
+
+    def tally(self, label: str) -> Path:
+        return self.work / "tally" / label
+
+    def logs(self, step: str) -> Path:
+        return self.work / "logs" / step
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    """One datatrove executor's worth of work."""
+
+    name: str
+    steps: list[PipelineStep]
+    tasks: int
+
+
+def removal_order(config: DataConfig) -> list[str]:
+    """Names of the steps that remove documents, in pipeline order (the funnel's rows)."""
+    first_source = config.sources[0]
+    names = [ReadErrors.name]
+    names += [
+        step.name
+        for step in quality_steps({first_source.name: first_source.filters}, lambda name: None)
+    ]
+    if config.dedup.exact:
+        names.append(EXACT_DEDUP)
+    if config.dedup.minhash.enabled:
+        names.append(NEAR_DEDUP)
+    return names
+
+
+def build_stages(config: DataConfig, layout: Layout) -> list[PipelineStage]:
+    """The pipeline for this config, as executor-sized stages."""
+    tasks = config.executor.tasks
+    max_file_mb = config.output.max_file_mb
+
+    def removed_writer(step: str) -> TallyingJsonlWriter:
+        return TallyingJsonlWriter(
+            layout.removed(step), layout.tally(f"removed/{step}"), removed_by=step
+        )
+
+    def kept_writer() -> PipelineStep:
+        writer = TallyingParquetWriter if config.output.format == "parquet" else TallyingJsonlWriter
+        return writer(layout.documents, layout.tally(KEPT_TALLY), max_file_mb=max_file_mb)
+
+    def intermediate(folder: Path) -> JsonlDocuments:
+        return JsonlDocuments(str(folder), "*.jsonl.gz", source=None)
+
+    dedup_steps = config.dedup.exact or config.dedup.minhash.enabled
+    filtered = layout.work / "filtered"
+    first: list[PipelineStep] = [reader_for(source) for source in config.sources]
+    first += [
+        CountDocuments(layout.tally(INPUT_TALLY)),
+        ReadErrors(exclusion_writer=removed_writer(ReadErrors.name)),
+        Normaliser({source.name: source.normalise for source in config.sources}),
+        *quality_steps({source.name: source.filters for source in config.sources}, removed_writer),
+        TallyingJsonlWriter(filtered, layout.tally("filtered")) if dedup_steps else kept_writer(),
+    ]
+    stages = [PipelineStage("filter", first, tasks)]
+    current = filtered
+
+    if config.dedup.exact:
+        exact = exact_config()
+        signatures, duplicates = (
+            layout.work / "exact" / "signatures",
+            layout.work / "exact" / "duplicates",
+        )
+        deduped = layout.work / "exact_deduped"
+        last = not config.dedup.minhash.enabled
+        stages += [
+            PipelineStage(
+                "exact_signature",
+                [intermediate(current), ExactDedupSignature(str(signatures), exact)],
+                tasks,
+            ),
+            PipelineStage(
+                "exact_find", [ExactFindDedups(str(signatures), str(duplicates), exact)], 1
+            ),
+            PipelineStage(
+                "exact_filter",
+                [
+                    intermediate(current),
+                    ExactDedupFilter(
+                        str(duplicates), exact, exclusion_writer=removed_writer(EXACT_DEDUP)
+                    ),
+                    kept_writer()
+                    if last
+                    else TallyingJsonlWriter(deduped, layout.tally("exact_deduped")),
+                ],
+                tasks,
+            ),
+        ]
+        current = deduped
+
+    if config.dedup.minhash.enabled:
+        settings = config.dedup.minhash
+        minhash = minhash_config(settings)
+        signatures = layout.work / "minhash" / "signatures"
+        buckets, clusters = (
+            layout.work / "minhash" / "buckets",
+            layout.work / "minhash" / "clusters",
+        )
+        stages += [
+            PipelineStage(
+                "minhash_signature",
+                [intermediate(current), CharacterMinhashSignature(str(signatures), settings)],
+                tasks,
+            ),
+            PipelineStage(
+                "minhash_buckets",
+                [MinhashDedupBuckets(str(signatures), str(buckets), config=minhash)],
+                settings.bands,
+            ),
+            PipelineStage(
+                "minhash_cluster",
+                [
+                    MinhashDedupCluster(
+                        str(buckets), str(clusters), config=minhash, save_cluster_size=True
+                    )
+                ],
+                1,
+            ),
+            PipelineStage(
+                "minhash_filter",
+                [
+                    intermediate(current),
+                    MinhashDedupFilter(
+                        str(clusters),
+                        exclusion_writer=removed_writer(NEAR_DEDUP),
+                        load_cluster_sizes=True,
+                    ),
+                    kept_writer(),
+                ],
+                tasks,
+            ),
+        ]
+    return stages
+
+
+def local_executors(
+    config: DataConfig, layout: Layout, stages: list[PipelineStage]
+) -> list[PipelineExecutor]:
+    """One LocalPipelineExecutor per stage, each depending on the one before."""
+    cpus = os.cpu_count() or 1
+    executors: list[PipelineExecutor] = []
+    for stage in stages:
+        workers = config.executor.workers if config.executor.workers > 0 else cpus
+        executors.append(
+            LocalPipelineExecutor(
+                stage.steps,
+                tasks=stage.tasks,
+                workers=min(workers, stage.tasks),
+                logging_dir=str(layout.logs(stage.name)),
+                skip_completed=True,
+            )
+        )
+    return executors
+
+
+def environment_command(config: DataConfig) -> str:
+    """The shell line that makes this environment's python and kinoe the ones a job runs."""
+    if config.executor.slurm.env_command:
+        return config.executor.slurm.env_command
+    return f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH"
+
+
+def slurm_executors(
+    config: DataConfig, layout: Layout, stages: list[PipelineStage]
+) -> list[SlurmPipelineExecutor]:
+    """One SLURM array job per stage, each depending on the one before (afterok)."""
+    slurm = config.executor.slurm
+    executors: list[SlurmPipelineExecutor] = []
+    for stage in stages:
+        executors.append(
+            SlurmPipelineExecutor(
+                stage.steps,
+                tasks=stage.tasks,
+                time=slurm.time,
+                partition=slurm.partition,
+                cpus_per_task=slurm.cpus_per_task,
+                mem_per_cpu_gb=slurm.mem_per_cpu_gb,
+                job_name=f"kinoe-data-{config.run.name}-{stage.name}",
+                qos=slurm.qos or "",
+                env_command=environment_command(config),
+                sbatch_args=dict(slurm.sbatch_args),
+                logging_dir=str(layout.logs(stage.name)),
+                slurm_logs_folder=str(layout.work / "slurm_logs" / stage.name),
+                depends=executors[-1] if executors else None,
+                skip_completed=True,
+            )
+        )
+    return executors
+
+
+def submit_finalise(
+    config: DataConfig, layout: Layout, config_file: Path, after_job: str | None
+) -> str:
+    """Submit the job that reruns ``kinoe data`` locally after the arrays: it finds every task
+    complete, writes the report and completes the manifest."""
+    slurm = config.executor.slurm
+    logs = layout.work / "slurm_logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    directives = {
+        "job-name": f"kinoe-data-{config.run.name}-report",
+        "partition": slurm.partition,
+        "time": slurm.time,
+        "cpus-per-task": "1",
+        "mem-per-cpu": f"{slurm.mem_per_cpu_gb}G",
+        "output": str(logs / "report-%j.out"),
+        **({"qos": slurm.qos} if slurm.qos else {}),
+        **slurm.sbatch_args,
+    }
+    lines = ["#!/bin/bash", *(f"#SBATCH --{key}={value}" for key, value in directives.items())]
+    lines += [
+        "set -euo pipefail",
+        environment_command(config),
+        " ".join(
+            shlex.quote(part)
+            for part in [
+                sys.executable,
+                "-m",
+                "launch.cli",
+                "data",
+                "-c",
+                str(config_file),
+                "executor.kind=local",
+            ]
+        ),
+    ]
+    script = logs / "report.sbatch"
+    script.write_text("\n".join(lines) + "\n")
+    command = ["sbatch", "--parsable"]
+    if after_job:
+        command.append(f"--dependency=afterok:{after_job}")
+    try:
+        result = subprocess.run(
+            [*command, str(script)], capture_output=True, text=True, check=True, cwd=Path.cwd()
+        )
+    except FileNotFoundError:
+        raise KinoeError(
+            "executor.kind is slurm but sbatch is not on PATH; run on a SLURM login node"
+        ) from None
+    except subprocess.CalledProcessError as error:
+        raise KinoeError(f"sbatch refused the report job: {error.stderr.strip()}") from None
+    return result.stdout.strip().split(";")[0]

@@ -1,0 +1,359 @@
+"""kinoe data end to end on real Japanese corpora with planted duplicates and bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from common.errors import ConfigError, KinoeError
+from common.run import load_stage_config, run_stage
+from data_prep.cli import STAGE
+from data_prep.config import DataConfig
+
+FIFTY_MB = 50 * 2**20
+
+
+def read_jsonl_gz(path: Path) -> list[dict]:
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def documents_in(folder: Path) -> list[dict]:
+    return [record for path in sorted(folder.glob("*.jsonl.gz")) for record in read_jsonl_gz(path)]
+
+
+def edit_a_few_characters(text: str, rng: random.Random) -> str:
+    """A near copy: three characters replaced and a short sentence appended."""
+    characters = list(text)
+    for position in rng.sample(range(10, len(characters) - 10), 3):
+        characters[position] = "あ"
+    return "".join(characters) + "以上。"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, request) -> dict:
+    """Real corpora plus planted copies and every kind of bad input, as kinoe sources."""
+    shared = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    if not shared.is_dir():
+        pytest.skip(f"real data folder {shared} is absent (see ../shared/data/SOURCES.md)")
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(7)
+    (root / "wiki").mkdir()
+    shutil.copy(shared / "corpus" / "wikipedia_ja_leads.jsonl.gz", root / "wiki")
+    (root / "aozora").mkdir()
+    shutil.copy(shared / "corpus" / "aozora" / "card000081.tar.gz", root / "aozora")
+
+    # Real web pages: six become planted originals (and leave the web source), one is copied
+    # into the planted source as a duplicate across sources.
+    web = read_jsonl_gz(shared / "corpus" / "fineweb2_ja_web.jsonl.gz")
+    long_pages = sorted((d for d in web if 800 <= len(d["text"]) <= 1200), key=lambda d: d["id"])[
+        :7
+    ]
+    used = {page["id"] for page in long_pages[:6]}
+    (root / "web").mkdir()
+    with gzip.open(root / "web" / "fineweb2_ja_web.jsonl.gz", "wt", encoding="utf-8") as handle:
+        for page in web:
+            if page["id"] not in used:
+                handle.write(json.dumps(page, ensure_ascii=False) + "\n")
+    planted, near_pairs, exact_pairs = [], [], []
+    for index, page in enumerate(long_pages[:4]):
+        planted.append({"id": f"orig-{index}", "text": page["text"]})
+        planted.append({"id": f"near-{index}", "text": edit_a_few_characters(page["text"], rng)})
+        near_pairs.append((f"orig-{index}", f"near-{index}"))
+    for index, page in enumerate(long_pages[4:6]):
+        planted.append({"id": f"twin-a-{index}", "text": page["text"]})
+        planted.append({"id": f"twin-b-{index}", "text": page["text"]})
+        exact_pairs.append((f"twin-a-{index}", f"twin-b-{index}"))
+    planted.append({"id": "cross-source", "text": long_pages[6]["text"]})
+    (root / "planted").mkdir()
+    with (root / "planted" / "copies.jsonl").open("w", encoding="utf-8") as handle:
+        for record in planted:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    (root / "bad").mkdir()
+    lead = read_jsonl_gz(shared / "corpus" / "wikipedia_ja_leads.jsonl.gz")[0]["text"]
+    junk = bytes(b for b in os.urandom(3000) if b not in (10, 13))
+    with (root / "bad" / "mixed.jsonl").open("wb") as handle:
+        handle.write(
+            b'{"id": "broken", "text": "\xe9\x96\x89\xe3\x81\x98\xe3\x81\xa6\xe3\x81\x84\xe3\x81\xaa\xe3\x81\x84\n'
+        )
+        handle.write(b'{"id": "latin1", "text": "caf\xe9"}\n')
+        handle.write(junk + b"\n")
+        handle.write(json.dumps({"id": "empty", "text": ""}).encode() + b"\n")
+        handle.write(json.dumps({"id": "blank", "text": " \n\u3000\t "}).encode() + b"\n")
+        handle.write(
+            json.dumps({"id": "no-text", "body": lead}, ensure_ascii=False).encode() + b"\n"
+        )
+        handle.write(json.dumps({"id": "number", "text": 42}).encode() + b"\n")
+        handle.write(b"[1, 2, 3]\n")
+        huge = (lead * (FIFTY_MB // len(lead.encode()) + 1))[: FIFTY_MB // 3]
+        handle.write(json.dumps({"id": "huge", "text": huge}, ensure_ascii=False).encode() + b"\n")
+    sjis_lines = [
+        json.dumps({"id": f"sjis-{i}", "text": t}, ensure_ascii=False)
+        for i, t in enumerate([lead, lead[::-1]])
+    ]
+    (root / "bad" / "shift_jis.jsonl").write_bytes(
+        ("\n".join(sjis_lines) + "\n").encode("cp932", errors="replace")
+    )
+    return {
+        "root": root,
+        "near_pairs": near_pairs,
+        "exact_pairs": exact_pairs,
+        "wiki_docs": 2022,
+        "web_docs": len(web) - len(used),
+        "cross_source_pair": (long_pages[6]["id"], "cross-source"),
+        "planted_docs": len(planted),
+        "bad_lines": 9 + len(sjis_lines),
+    }
+
+
+@pytest.fixture(scope="module")
+def finished(corpus, tmp_path_factory) -> dict:
+    """One complete local run over the corpus fixture."""
+    root = corpus["root"]
+    runs = tmp_path_factory.mktemp("runs")
+    config = {
+        "run": {"root": str(runs), "name": "real"},
+        "sources": [
+            {
+                "name": "wikipedia",
+                "kind": "jsonl",
+                "path": str(root / "wiki"),
+                "preset": "wikipedia",
+            },
+            {"name": "web", "kind": "jsonl", "path": str(root / "web")},
+            {
+                "name": "planted",
+                "kind": "jsonl",
+                "path": str(root / "planted"),
+                "preset": "wikipedia",
+            },
+            {"name": "bad", "kind": "jsonl", "path": str(root / "bad")},
+            {"name": "aozora", "kind": "aozora", "path": str(root / "aozora")},
+        ],
+        "executor": {"tasks": 2, "workers": 2},
+    }
+    path = runs / "real.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True))
+    result = run_stage(STAGE, load_stage_config(DataConfig, path))
+    return {"result": result, "config_path": path, "run_dir": result.run_dir}
+
+
+def test_run_completes_with_a_balanced_funnel(finished, corpus):
+    result = finished["result"]
+    assert result.status == "complete" and result.manifest.status == "complete"
+    report = json.loads((finished["run_dir"] / "report" / "report.json").read_text())
+    assert report["balanced"] is True
+    kept = len(documents_in(finished["run_dir"] / "documents"))
+    removed = sum(row["removed_documents"] for row in report["steps"])
+    assert report["documents_kept"] == kept
+    assert report["documents_in"] == kept + removed
+    minimum = (
+        corpus["wiki_docs"] + corpus["web_docs"] + corpus["planted_docs"] + corpus["bad_lines"]
+    )
+    assert report["documents_in"] > minimum  # plus the Aozora works
+    for name in ("report.md", "samples.md", "funnel.png", "lengths.png"):
+        assert (finished["run_dir"] / "report" / name).stat().st_size > 0
+    assert result.manifest.summary["balanced"] is True
+
+
+def test_kept_documents_follow_the_contract(finished):
+    documents = documents_in(finished["run_dir"] / "documents")
+    assert documents
+    for document in documents[:200]:
+        assert set(document) == {"id", "text", "source", "metadata"}
+        assert document["text"] and document["source"] in {"wikipedia", "web", "planted", "aozora"}
+        assert "minhash_cluster_size" in document["metadata"]
+
+
+def test_wikipedia_leads_mostly_survive(finished, corpus):
+    report = json.loads((finished["run_dir"] / "report" / "report.json").read_text())
+    wiki = report["sources"]["wikipedia"]
+    assert wiki["in"]["documents"] == corpus["wiki_docs"]
+    assert wiki["kept"]["documents"] / wiki["in"]["documents"] > 0.75
+
+
+def test_planted_near_and_exact_duplicates_are_removed_once(finished, corpus):
+    run_dir = finished["run_dir"]
+    kept = {d["id"] for d in documents_in(run_dir / "documents") if d["source"] == "planted"}
+    near = {d["id"] for d in documents_in(run_dir / "removed" / "near_dedup")}
+    exact = {d["id"] for d in documents_in(run_dir / "removed" / "exact_dedup")}
+    for pair in corpus["near_pairs"]:
+        assert len(set(pair) & kept) == 1 and len(set(pair) & near) == 1, pair
+    for pair in corpus["exact_pairs"]:
+        assert len(set(pair) & kept) == 1 and len(set(pair) & exact) == 1, pair
+    everything_kept = {d["id"] for d in documents_in(run_dir / "documents")}
+    assert len(set(corpus["cross_source_pair"]) & everything_kept) == 1
+    assert len(set(corpus["cross_source_pair"]) & exact) == 1
+    planted_ids = {i for pair in corpus["near_pairs"] + corpus["exact_pairs"] for i in pair}
+    survivors = [d for d in documents_in(run_dir / "documents") if d["id"] in planted_ids]
+    assert any(d["metadata"]["minhash_cluster_size"] > 1 for d in survivors)
+
+
+def test_bad_input_is_counted_under_named_reasons(finished):
+    report = json.loads((finished["run_dir"] / "report" / "report.json").read_text())
+    steps = {row["step"]: row for row in report["steps"]}
+    reasons = steps["read_errors"]["reasons"]
+    assert reasons["invalid_utf8"] >= 3  # the Latin-1 line, the binary junk, the Shift_JIS file
+    assert reasons["malformed_json"] >= 1
+    assert reasons["missing_text_field"] == 1 and reasons["text_not_a_string"] == 1
+    assert reasons["not_an_object"] == 1
+    removed_for_length = {
+        d["id"]: d for d in documents_in(finished["run_dir"] / "removed" / "length")
+    }
+    assert {"empty", "blank", "huge"} <= set(removed_for_length)
+    assert len(removed_for_length["huge"]["text"]) > 10_000_000  # kept whole for review
+    assert report["sources"]["bad"]["kept"]["documents"] == 0
+
+
+def test_rerun_is_skipped(finished):
+    again = run_stage(STAGE, load_stage_config(DataConfig, finished["config_path"]))
+    assert again.status == "skipped"
+
+
+def test_hub_sources_resolve_to_hub_folders_and_local_mirrors():
+    config = DataConfig.model_validate(
+        {
+            "sources": [
+                {"name": "mc4", "kind": "c4_ja"},
+                {"name": "wiki", "kind": "wikipedia_ja", "wikipedia_dump": "20231101.ja"},
+                {"name": "mirror", "kind": "c4_ja", "path": "/data/c4/multilingual"},
+            ]
+        }
+    )
+    mc4, wiki, mirror = config.sources
+    assert (mc4.folder(), mc4.file_glob()) == (
+        "hf://datasets/allenai/c4/multilingual",
+        "c4-ja.tfrecord-*.json.gz",
+    )
+    assert (wiki.folder(), wiki.file_glob()) == (
+        "hf://datasets/wikimedia/wikipedia/20231101.ja",
+        "*.parquet",
+    )
+    assert (
+        mirror.folder() == "/data/c4/multilingual"
+        and mirror.file_glob() == "c4-ja.tfrecord-*.json.gz"
+    )
+    assert (
+        mc4.filters.length.min_chars > wiki.filters.length.min_chars
+    )  # web strict, Wikipedia relaxed
+    assert config.local_inputs() == {"sources.2.path": Path("/data/c4/multilingual")}
+
+
+def test_local_mirrors_of_hub_layouts_are_read(corpus, tmp_path):
+    """c4-ja JSON lines and a wikimedia/wikipedia Parquet dump, laid out as on the Hub."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    web = read_jsonl_gz(corpus["root"] / "web" / "fineweb2_ja_web.jsonl.gz")[:20]
+    c4 = tmp_path / "c4" / "multilingual"
+    c4.mkdir(parents=True)
+    with gzip.open(c4 / "c4-ja.tfrecord-00000-of-01024.json.gz", "wt", encoding="utf-8") as handle:
+        for page in web:
+            handle.write(
+                json.dumps(
+                    {"text": page["text"], "timestamp": page["date"], "url": page["url"]},
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
+    leads = read_jsonl_gz(corpus["root"] / "wiki" / "wikipedia_ja_leads.jsonl.gz")[:30]
+    dump = tmp_path / "wikipedia" / "20231101.ja"
+    dump.mkdir(parents=True)
+    table = pa.table(
+        {
+            "id": [str(i) for i in range(len(leads))],
+            "url": [f"https://ja.wikipedia.org/wiki?curid={i}" for i in range(len(leads))],
+            "title": [f"title {i}" for i in range(len(leads))],
+            "text": [lead["text"] for lead in leads],
+        }
+    )
+    pq.write_table(table, dump / "train-00000-of-00001.parquet")
+    config = DataConfig.model_validate(
+        {
+            "run": {"root": str(tmp_path / "runs"), "name": "mirrors"},
+            "sources": [
+                {"name": "mc4", "kind": "c4_ja", "path": str(c4)},
+                {"name": "wiki", "kind": "wikipedia_ja", "path": str(dump)},
+            ],
+            "executor": {"tasks": 1},
+            "dedup": {"minhash": {"enabled": False}},
+        }
+    )
+    result = run_stage(STAGE, config)
+    report = json.loads((result.run_dir / "report" / "report.json").read_text())
+    assert report["sources"]["mc4"]["in"]["documents"] == 20
+    assert report["sources"]["wiki"]["in"]["documents"] == 30
+    kept = documents_in(result.run_dir / "documents")
+    wiki_kept = [d for d in kept if d["source"] == "wiki"]
+    assert wiki_kept and wiki_kept[0]["metadata"]["url"].startswith("https://ja.wikipedia.org/")
+    assert any(
+        d["metadata"].get("url", "").startswith("http") for d in kept if d["source"] == "mc4"
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "sources.0.filters.characters.min_hiragana=0.1",
+            "unknown key 'sources.0.filters.characters.min_hiragana'",
+        ),
+        ("sources.0.kind=csv", "'sources.0.kind'"),
+        ("executor.kind=slurm", "executor.slurm.partition is empty"),
+        ("sources.0.path=", "needs a path to read"),
+    ],
+)
+def test_config_mistakes_are_one_line(tmp_path, override, expected):
+    path = Path(__file__).resolve().parent.parent / "configs" / "data" / "quickstart.yaml"
+    with pytest.raises(ConfigError) as caught:
+        load_stage_config(DataConfig, path, [override])
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_source_without_matching_files_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    config = DataConfig.model_validate(
+        {
+            "run": {"root": str(tmp_path / "runs"), "name": "none"},
+            "sources": [{"name": "web", "kind": "jsonl", "path": str(tmp_path / "empty")}],
+        }
+    )
+    with pytest.raises(
+        KinoeError,
+        match=r"source 'web' has no files matching .* fix sources.0.path or sources.0.glob",
+    ):
+        run_stage(STAGE, config)
+
+
+def test_every_aozora_work_is_read_and_most_are_kept(finished, corpus):
+    with tarfile.open(corpus["root"] / "aozora" / "card000081.tar.gz") as archive:
+        works = [m for m in archive.getmembers() if m.name.endswith(".txt")]
+    report = json.loads((finished["run_dir"] / "report" / "report.json").read_text())
+    aozora = report["sources"]["aozora"]
+    assert aozora["in"]["documents"] == len(works)
+    assert aozora["kept"]["documents"] > len(works) // 2
+    kept = [d for d in documents_in(finished["run_dir"] / "documents") if d["source"] == "aozora"]
+    assert not any("《" in d["text"] or "［＃" in d["text"] for d in kept)
+
+
+def test_quickstart_command_runs_and_reruns_are_skipped(kinoe, tmp_path):
+    first = kinoe("data", "-c", "configs/data/quickstart.yaml", f"run.root={tmp_path / 'runs'}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    report = tmp_path / "runs" / "data" / "quickstart" / "report" / "report.json"
+    funnel = json.loads(report.read_text())
+    assert funnel["balanced"] and funnel["documents_in"] == 143
+    # The bundled corpus gives every filter and both dedup steps some work.
+    assert all(
+        row["removed_documents"] > 0 for row in funnel["steps"] if row["step"] != "read_errors"
+    )
+    second = kinoe("data", "-c", "configs/data/quickstart.yaml", f"run.root={tmp_path / 'runs'}")
+    assert second.returncode == 0 and "skipped" in second.stderr

@@ -1,0 +1,60 @@
+"""kinoe data on a real SLURM cluster: array jobs per step, then the report job completes the run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from common.manifest import read_manifest
+from common.run import run_stage
+from data_prep.cli import STAGE
+from data_prep.config import DataConfig
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "data_prep" / "quickstart"
+
+
+def test_slurm_arrays_then_report_job_complete_the_run(slurm_cluster, monkeypatch, tmp_path):
+    slurm_cluster.export_env(monkeypatch)
+    config = DataConfig.model_validate(
+        {
+            "run": {"root": str(tmp_path / "runs"), "name": "on-slurm"},
+            "sources": [
+                {"name": "web", "kind": "jsonl", "path": str(QUICKSTART), "glob": "web.jsonl"},
+                {
+                    "name": "wikipedia",
+                    "kind": "jsonl",
+                    "path": str(QUICKSTART),
+                    "glob": "wikipedia.jsonl",
+                    "preset": "wikipedia",
+                },
+            ],
+            "executor": {
+                "kind": "slurm",
+                "tasks": 2,
+                "slurm": {"partition": "debug", "time": "00:20:00", "mem_per_cpu_gb": 1},
+            },
+        }
+    )
+    monkeypatch.chdir(tmp_path)  # jobs start in the submitting directory
+    submitted = run_stage(STAGE, config)
+    assert submitted.status == "submitted" and submitted.manifest.status == "submitted"
+    jobs = submitted.manifest.summary["jobs"]
+    assert len(jobs) == 9  # eight steps and the report job
+    assert slurm_cluster.wait(jobs[-1], timeout=420) == "COMPLETED"
+
+    manifest = read_manifest(submitted.run_dir)
+    assert manifest.status == "complete" and manifest.summary["balanced"] is True
+    assert manifest.summary["documents_in"] == 143
+    report = json.loads((submitted.run_dir / "report" / "report.json").read_text())
+    assert report["documents_kept"] == manifest.summary["documents_kept"] > 0
+    # Every step ran as its own array job: datatrove left a completion per task.
+    completions = submitted.run_dir / "work" / "logs" / "minhash_filter" / "completions"
+    assert len(list(completions.iterdir())) == 2
+    # The same config run locally now finds the work done.
+    again = run_stage(
+        STAGE,
+        config.model_copy(
+            update={"executor": config.executor.model_copy(update={"kind": "local"})}
+        ),
+    )
+    assert again.status == "skipped"
