@@ -41,7 +41,7 @@ from datatrove.pipeline.dedup.minhash import (
 from common.errors import KinoeError
 from data_prep.config import DataConfig
 from data_prep.dedup import CharacterMinhashSignature, exact_config, minhash_config
-from data_prep.filters import quality_steps
+from data_prep.filters import STEP_ORDER, quality_steps
 from data_prep.normalise import Normaliser
 from data_prep.outputs import CountDocuments, TallyingJsonlWriter, TallyingParquetWriter
 from data_prep.sources import JsonlDocuments, ReadErrors, reader_for
@@ -91,12 +91,7 @@ class PipelineStage:
 
 def removal_order(config: DataConfig) -> list[str]:
     """Names of the steps that remove documents, in pipeline order (the funnel's rows)."""
-    first_source = config.sources[0]
-    names = [ReadErrors.name]
-    names += [
-        step.name
-        for step in quality_steps({first_source.name: first_source.filters}, lambda name: None)
-    ]
+    names = [ReadErrors.name, *(step.name for step in STEP_ORDER)]
     if config.dedup.exact:
         names.append(EXACT_DEDUP)
     if config.dedup.minhash.enabled:

@@ -3,7 +3,7 @@
 Each step is timed on one core over the whole input (every document, so steps compare on
 the same bytes); MB are UTF-8 megabytes (2**20 bytes) of input text. "overall" is the full
 `kinoe data` pipeline (reading, every step, both dedups, writing, report) with one task on one
-worker. Usage: python benchmarks/data_prep.py [--config configs/data/local_corpora.yaml]
+worker. Usage: python benchmarks/data_prep_throughput.py [--config configs/data/local_corpora.yaml]
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ def load_documents(config: DataConfig) -> list[Document]:
     """Every readable document of every source, in memory."""
     documents = []
     for source in config.sources:
-        documents += [d for d in reader_for(source).run(None, 0, 1) if not d.metadata.get("read_error")]
+        documents += [
+            d for d in reader_for(source).run(None, 0, 1) if not d.metadata.get("read_error")
+        ]
     return documents
 
 
@@ -68,8 +70,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         signature = CharacterMinhashSignature(scratch, config.dedup.minhash)
-        rows.append(("minhash signature", timed(lambda d: signature.get_signature(signature.get_shingles(d.text)), documents)))
-    rows.append(("exact hash", timed(lambda d: xxhash.xxh64_intdigest(d.text), documents)))
+        rows.append(
+            (
+                "minhash signature",
+                timed(lambda d: signature.get_signature(signature.get_shingles(d.text)), documents),
+            )
+        )
+    rows.append(
+        ("exact hash", timed(lambda d: xxhash.xxh64_intdigest(d.text.encode("utf-8")), documents))
+    )
     core = sum(seconds for name, seconds in rows if name != "exact hash")
 
     with tempfile.TemporaryDirectory() as runs:
@@ -82,7 +91,9 @@ def main() -> None:
 
     versions = package_versions(("datatrove", "numpy"))
     print(f"input: {len(raw):,} documents, {size:,.1f} MB UTF-8 ({args.config})")
-    print(f"host: {platform.node()}, {platform.processor() or platform.machine()}; versions: {versions}")
+    print(
+        f"host: {platform.node()}, {platform.processor() or platform.machine()}; versions: {versions}"
+    )
     print()
     print("| step | seconds | MB/s per core |")
     print("|---|---:|---:|")
