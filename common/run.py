@@ -113,14 +113,17 @@ class Stage(Generic[C]):
     """A pipeline stage: a name, a config type, the inputs it reads and the body that does the work.
 
     ``inputs`` maps the dotted config key of each input to its path (a file or directory), so
-    a missing input is reported by the key the user has to fix. ``body`` writes its outputs
-    under ``context.run_dir`` and returns a summary (counts, scores) for the manifest.
+    a missing input is reported by the key the user has to fix. ``precheck`` raises a
+    ``KinoeError`` when the stage cannot start (checked before anything is written, so a
+    refused start leaves the run directory as it was). ``body`` writes its outputs under
+    ``context.run_dir`` and returns a summary (counts, scores) for the manifest.
     """
 
     name: str
     config_type: type[C]
     body: Callable[[StageContext[C]], dict[str, Any] | Submitted | None]
     inputs: Callable[[C], dict[str, Path]] = field(default=lambda config: {})
+    precheck: Callable[[C], None] = field(default=lambda config: None)
 
 
 @dataclass
@@ -194,6 +197,7 @@ def run_stage(
                     run_dir,
                 )
                 return StageResult("skipped", run_dir, previous)
+        stage.precheck(config)
         if force and main and previous is not None:
             _clear(run_dir)
         if main:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -39,7 +40,6 @@ def prepare(context: StageContext[DataConfig]) -> dict[str, Any] | Submitted:
     from data_prep.report import write_report
 
     config = context.config
-    _check_sources(config)
     layout = Layout(context.run_dir)
     stages = build_stages(config, layout)
     if config.executor.kind == "slurm":
@@ -70,6 +70,39 @@ def prepare(context: StageContext[DataConfig]) -> dict[str, Any] | Submitted:
             executor.run()
         timings[stage.name] = round(time.monotonic() - started, 3)
     return write_report(config, layout, timings, context.logger)
+
+
+def check_can_start(config: DataConfig) -> None:
+    """Refuse, before anything is written, a run that cannot start: sources without files,
+    or SLURM without sbatch or with this run's jobs still queued."""
+    _check_sources(config)
+    if config.executor.kind == "slurm":
+        if shutil.which("sbatch") is None:
+            raise KinoeError(
+                "executor.kind is slurm but sbatch is not on PATH; run on a SLURM login node"
+            )
+        _refuse_while_queued(config)
+
+
+def _refuse_while_queued(config: DataConfig) -> None:
+    """Submitting again while this run's jobs are queued would run every task twice."""
+    prefix = f"kinoe-data-{config.run.name}-"
+    listing = subprocess.run(
+        ["squeue", "--noheader", "--me", "--format=%i %j"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    queued = [
+        line.split()[0]
+        for line in listing.stdout.splitlines()
+        if line.split()[-1].startswith(prefix)
+    ]
+    if queued:
+        raise KinoeError(
+            f"data: jobs of run {config.run.name!r} are still queued or running ({', '.join(queued)}); "
+            "wait for them (the last one completes the run) or scancel them before submitting again"
+        )
 
 
 def _check_sources(config: DataConfig) -> None:
@@ -140,4 +173,10 @@ class CompletionWatcher:
         self.progress.close()
 
 
-STAGE = Stage("data", DataConfig, prepare, inputs=lambda config: config.local_inputs())
+STAGE = Stage(
+    "data",
+    DataConfig,
+    prepare,
+    inputs=lambda config: config.local_inputs(),
+    precheck=check_can_start,
+)

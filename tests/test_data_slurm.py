@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
+from common.errors import KinoeError
 from common.manifest import read_manifest
 from common.run import run_stage
 from data_prep.cli import STAGE
@@ -40,6 +43,11 @@ def test_slurm_arrays_then_report_job_complete_the_run(slurm_cluster, monkeypatc
     assert submitted.status == "submitted" and submitted.manifest.status == "submitted"
     jobs = submitted.manifest.summary["jobs"]
     assert len(jobs) == 9  # eight steps and the report job
+    # Submitting again while those jobs are queued would run every task twice: refused, and
+    # the run directory keeps its submitted manifest.
+    with pytest.raises(KinoeError, match="still queued or running"):
+        run_stage(STAGE, config)
+    assert read_manifest(submitted.run_dir).status == "submitted"
     assert slurm_cluster.wait(jobs[-1], timeout=420) == "COMPLETED"
 
     manifest = read_manifest(submitted.run_dir)

@@ -197,3 +197,17 @@ def test_hash_tree_reuses_hashes_only_for_unchanged_files(tmp_path):
     assert recomputed.sha256 == hashlib.sha256("いろはにほへと。".encode()).hexdigest()
     assert isinstance(recomputed, FileRecord)
     assert hash_tree(data).sha256 != fresh.sha256
+
+
+def test_precheck_refusal_leaves_the_run_directory_as_it_was(config_file):
+    first = run_stage(COUNT, load_stage_config(CountConfig, config_file))
+
+    def refuse(config):
+        raise KinoeError("count: the scheduler is down")
+
+    guarded = Stage("count", CountConfig, count_characters, inputs=COUNT.inputs, precheck=refuse)
+    before = (first.run_dir / "manifest.json").read_bytes()
+    with pytest.raises(KinoeError, match="scheduler is down"):
+        run_stage(guarded, load_stage_config(CountConfig, config_file), force=True)
+    assert (first.run_dir / "manifest.json").read_bytes() == before
+    assert (first.run_dir / "total.json").exists()
