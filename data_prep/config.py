@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from common.config import Config
+from common.executor import ExecutorConfig
 from common.run import StageConfig
 from data_prep.filters import PRESETS, QualityConfig
 from data_prep.normalise import NormaliseConfig, normalise_preset
@@ -135,43 +136,6 @@ class DedupConfig(Config):
 
     exact: bool = True
     minhash: MinhashSettings = Field(default_factory=MinhashSettings)
-
-
-class SlurmSettings(Config):
-    """How datatrove submits each step as a SLURM array job."""
-
-    partition: str = Field("", description="SLURM partition; required when executor.kind is slurm")
-    time: str = Field("04:00:00", description="Time limit per array task")
-    cpus_per_task: int = Field(1, ge=1)
-    mem_per_cpu_gb: int = Field(2, ge=1)
-    qos: str | None = None
-    env_command: str | None = Field(
-        None,
-        description="Shell line that activates the environment in each job; default puts this "
-        "interpreter's bin directory first on PATH",
-    )
-    sbatch_args: dict[str, str] = Field(default_factory=dict, description="Extra #SBATCH options")
-
-
-class ExecutorConfig(Config):
-    """Where the pipeline runs: local processes, or SLURM array jobs with dependencies."""
-
-    kind: Literal["local", "slurm"] = "local"
-    tasks: int = Field(
-        4, ge=1, description="Shards of the per-document steps (one output file each)"
-    )
-    workers: int = Field(
-        -1, description="Local processes at once (-1: one per task, at most the CPUs)"
-    )
-    slurm: SlurmSettings = Field(default_factory=SlurmSettings)
-
-    @model_validator(mode="after")
-    def _slurm_needs_partition(self) -> ExecutorConfig:
-        if self.kind == "slurm" and not self.slurm.partition:
-            raise ValueError(
-                "executor.kind is slurm but executor.slurm.partition is empty; name a partition"
-            )
-        return self
 
 
 class OutputConfig(Config):

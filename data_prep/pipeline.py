@@ -17,15 +17,9 @@ reads the same files with the same number of tasks. A disabled dedup drops its s
 
 from __future__ import annotations
 
-import os
-import shlex
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
-from datatrove.executor.base import PipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup.exact_dedup import (
     ExactDedupFilter,
@@ -38,7 +32,7 @@ from datatrove.pipeline.dedup.minhash import (
     MinhashDedupFilter,
 )
 
-from common.errors import KinoeError
+from common.executor import PipelineStage
 from data_prep.config import DataConfig
 from data_prep.dedup import CharacterMinhashSignature, exact_config, minhash_config
 from data_prep.filters import STEP_ORDER, quality_steps
@@ -78,15 +72,6 @@ class Layout:
 
     def logs(self, step: str) -> Path:
         return self.work / "logs" / step
-
-
-@dataclass(frozen=True)
-class PipelineStage:
-    """One datatrove executor's worth of work."""
-
-    name: str
-    steps: list[PipelineStep]
-    tasks: int
 
 
 def removal_order(config: DataConfig) -> list[str]:
@@ -205,111 +190,3 @@ def build_stages(config: DataConfig, layout: Layout) -> list[PipelineStage]:
             ),
         ]
     return stages
-
-
-def local_executors(
-    config: DataConfig, layout: Layout, stages: list[PipelineStage]
-) -> list[PipelineExecutor]:
-    """One LocalPipelineExecutor per stage, each depending on the one before."""
-    cpus = os.cpu_count() or 1
-    executors: list[PipelineExecutor] = []
-    for stage in stages:
-        workers = config.executor.workers if config.executor.workers > 0 else cpus
-        executors.append(
-            LocalPipelineExecutor(
-                stage.steps,
-                tasks=stage.tasks,
-                workers=min(workers, stage.tasks),
-                logging_dir=str(layout.logs(stage.name)),
-                skip_completed=True,
-            )
-        )
-    return executors
-
-
-def environment_command(config: DataConfig) -> str:
-    """The shell line that makes this environment's python and kinoe the ones a job runs."""
-    if config.executor.slurm.env_command:
-        return config.executor.slurm.env_command
-    return f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH"
-
-
-def slurm_executors(
-    config: DataConfig, layout: Layout, stages: list[PipelineStage]
-) -> list[SlurmPipelineExecutor]:
-    """One SLURM array job per stage, each depending on the one before (afterok)."""
-    slurm = config.executor.slurm
-    executors: list[SlurmPipelineExecutor] = []
-    for stage in stages:
-        executors.append(
-            SlurmPipelineExecutor(
-                stage.steps,
-                tasks=stage.tasks,
-                time=slurm.time,
-                partition=slurm.partition,
-                cpus_per_task=slurm.cpus_per_task,
-                mem_per_cpu_gb=slurm.mem_per_cpu_gb,
-                job_name=f"kinoe-data-{config.run.name}-{stage.name}",
-                qos=slurm.qos or "",
-                env_command=environment_command(config),
-                sbatch_args=dict(slurm.sbatch_args),
-                logging_dir=str(layout.logs(stage.name)),
-                slurm_logs_folder=str(layout.work / "slurm_logs" / stage.name),
-                depends=executors[-1] if executors else None,
-                skip_completed=True,
-            )
-        )
-    return executors
-
-
-def submit_finalise(
-    config: DataConfig, layout: Layout, config_file: Path, after_job: str | None
-) -> str:
-    """Submit the job that reruns ``kinoe data`` locally after the arrays: it finds every task
-    complete, writes the report and completes the manifest."""
-    slurm = config.executor.slurm
-    logs = layout.work / "slurm_logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    directives = {
-        "job-name": f"kinoe-data-{config.run.name}-report",
-        "partition": slurm.partition,
-        "time": slurm.time,
-        "cpus-per-task": "1",
-        "mem-per-cpu": f"{slurm.mem_per_cpu_gb}G",
-        "output": str(logs / "report-%j.out"),
-        **({"qos": slurm.qos} if slurm.qos else {}),
-        **slurm.sbatch_args,
-    }
-    lines = ["#!/bin/bash", *(f"#SBATCH --{key}={value}" for key, value in directives.items())]
-    lines += [
-        "set -euo pipefail",
-        environment_command(config),
-        " ".join(
-            shlex.quote(part)
-            for part in [
-                sys.executable,
-                "-m",
-                "launch.cli",
-                "data",
-                "-c",
-                str(config_file),
-                "executor.kind=local",
-            ]
-        ),
-    ]
-    script = logs / "report.sbatch"
-    script.write_text("\n".join(lines) + "\n")
-    command = ["sbatch", "--parsable"]
-    if after_job:
-        command.append(f"--dependency=afterok:{after_job}")
-    try:
-        result = subprocess.run(
-            [*command, str(script)], capture_output=True, text=True, check=True, cwd=Path.cwd()
-        )
-    except FileNotFoundError:
-        raise KinoeError(
-            "executor.kind is slurm but sbatch is not on PATH; run on a SLURM login node"
-        ) from None
-    except subprocess.CalledProcessError as error:
-        raise KinoeError(f"sbatch refused the report job: {error.stderr.strip()}") from None
-    return result.stdout.strip().split(";")[0]

@@ -1,8 +1,8 @@
 """The ``kinoe`` command: one subcommand per stage.
 
-Subcommand modules are imported only when their command runs (or for ``--help``), and they
-import heavy packages (torch, deepspeed) inside their ``main``, so ``kinoe --help`` is fast.
-A module provides ``HELP`` (one line), ``add_arguments(parser)`` and ``main(args) -> int``.
+Only the module of the command being run is imported (stage modules pull in datatrove, torch
+and more), so ``kinoe --help`` stays fast. A command module provides ``add_arguments(parser)``
+and ``main(args) -> int``; its one-line help lives in ``COMMANDS``.
 """
 
 from __future__ import annotations
@@ -16,15 +16,21 @@ from collections.abc import Sequence
 from common.errors import KinoeError
 from common.logs import setup_logging
 
-# name -> module; a command is listed here only once its stage exists.
-COMMANDS: dict[str, str] = {
-    "data": "data_prep.cli",
-    "doctor": "launch.doctor",
+# name -> (module, one-line help); a command is listed here only once its stage exists.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": (
+        "data_prep.cli",
+        "filter and deduplicate Japanese text (mC4, Wikipedia, local files, Aozora) with datatrove",
+    ),
+    "doctor": (
+        "launch.doctor",
+        "check Python, torch/CUDA/NCCL, GPUs, DeepSpeed ops, packages, W&B login and disk",
+    ),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with every subcommand's arguments."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; ``command``'s own arguments are added when it is given."""
     parser = argparse.ArgumentParser(
         prog="kinoe",
         description="kinoe: pretraining of Japanese Mistral and Mixtral models, from raw text to evaluation.",
@@ -32,18 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kinoe {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="<command>", required=True)
-    for name, module_name in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
-        module.add_arguments(sub)
+    for name, (module_name, help_line) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_line, description=help_line)
+        if name == command:
+            importlib.import_module(module_name).add_arguments(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kinoe`` console script."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     setup_logging(None)
-    module = importlib.import_module(COMMANDS[args.command])
+    module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.main(args) or 0)
     except KinoeError as error:

@@ -29,8 +29,6 @@ from common.config import Config, load_config
 from common.manifest import git_state
 from common.run import default_run_root
 
-HELP = "check Python, torch/CUDA/NCCL, GPUs, DeepSpeed ops, packages, W&B login and disk"
-
 SUPPORTED_PYTHON = (3, 11)
 
 
