@@ -25,11 +25,20 @@ test: lint
 	$(PY) -m pytest -q
 
 # Runs every stage that exists, on the bundled corpus, on CPU, and says where the results are.
-QUICKSTART_RUNS ?= runs/quickstart
+# Each stage's config under configs/*/quickstart.yaml writes under runs/quickstart.
+QS := runs/quickstart
 quickstart: $(INSTALLED)
 	$(VENV)/bin/kinoe doctor -c configs/doctor/workstation.yaml
-	$(VENV)/bin/kinoe data -c configs/data/quickstart.yaml run.root=$(QUICKSTART_RUNS)
-	@echo "quickstart done: documents in $(QUICKSTART_RUNS)/data/quickstart/documents, report in $(QUICKSTART_RUNS)/data/quickstart/report/report.md"
+	$(VENV)/bin/kinoe data -c configs/data/quickstart.yaml
+	$(VENV)/bin/kinoe tokenizer train -c configs/tokenizer/quickstart.yaml
+	$(VENV)/bin/kinoe tokenizer export -c configs/tokenizer/quickstart.yaml
+	$(VENV)/bin/kinoe tokenizer report -c configs/tokenizer/quickstart.yaml
+	$(VENV)/bin/kinoe tokenizer encode -c configs/tokenizer/quickstart.yaml
+	@echo "quickstart done:"
+	@echo "  documents        $(QS)/data/quickstart/documents  (funnel: $(QS)/data/quickstart/report/report.md)"
+	@echo "  tokenizer        $(QS)/tokenizer/quickstart/train/tokenizer.model, Hugging Face: $(QS)/tokenizer/quickstart/export/hf"
+	@echo "  tokenizer report $(QS)/tokenizer/quickstart/report/report.md"
+	@echo "  token shards     $(QS)/tokenizer/quickstart/encode/shards/<source>/"
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

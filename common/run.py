@@ -37,6 +37,7 @@ from common.errors import KinoeError
 from common.logs import get_logger, setup_logging
 from common.manifest import (
     MANIFEST_NAME,
+    FileRecord,
     Manifest,
     TreeRecord,
     git_state,
@@ -113,7 +114,8 @@ class Stage(Generic[C]):
     """A pipeline stage: a name, a config type, the inputs it reads and the body that does the work.
 
     ``inputs`` maps the dotted config key of each input to its path (a file or directory), so
-    a missing input is reported by the key the user has to fix. ``precheck`` raises a
+    a missing input is reported by the key the user has to fix; an input that is an earlier
+    step's output is keyed by what to run to make it (``"run `kinoe tokenizer train` first"``). ``precheck`` raises a
     ``KinoeError`` when the stage cannot start (checked before anything is written, so a
     refused start leaves the run directory as it was). ``body`` writes its outputs under
     ``context.run_dir`` and returns a summary (counts, scores) for the manifest.
@@ -124,6 +126,27 @@ class Stage(Generic[C]):
     body: Callable[[StageContext[C]], dict[str, Any] | Submitted | None]
     inputs: Callable[[C], dict[str, Path]] = field(default=lambda config: {})
     precheck: Callable[[C], None] = field(default=lambda config: None)
+    # A stage with several steps (``kinoe tokenizer train|export|...``) gives each step its own
+    # run directory, <root>/<stage>/<run.name>/<step>, and manifest.
+    step: str = ""
+    # The top-level config sections this step's output depends on; None: all of them (less the
+    # config's fingerprint_exclude). A step reading only ``encode`` is not redone for ``report``.
+    fingerprint_sections: frozenset[str] | None = None
+
+    @property
+    def label(self) -> str:
+        """``tokenizer train``, or just ``data`` for a stage of one step."""
+        return f"{self.name} {self.step}".strip()
+
+    def fingerprinted(self, config: StageConfig) -> dict[str, Any]:
+        """The part of the resolved config that decides this step's output."""
+        data = config.model_dump(mode="json")
+        return {
+            key: value
+            for key, value in data.items()
+            if key not in config.fingerprint_exclude
+            and (self.fingerprint_sections is None or key in self.fingerprint_sections)
+        }
 
 
 @dataclass
@@ -157,9 +180,10 @@ def load_stage_config(
     return config
 
 
-def run_directory(stage: str, config: StageConfig) -> Path:
-    """``<run.root>/<stage>/<run.name>`` for this config."""
-    return Path(config.run.root) / stage / config.run.name
+def run_directory(stage: str, config: StageConfig, step: str = "") -> Path:
+    """``<run.root>/<stage>/<run.name>[/<step>]`` for this config."""
+    run_dir = Path(config.run.root) / stage / config.run.name
+    return run_dir / step if step else run_dir
 
 
 def is_main_process() -> bool:
@@ -175,25 +199,27 @@ def run_stage(
 ) -> StageResult:
     """Run ``stage`` with ``config`` in its run directory, or skip it if already complete."""
     main = is_main_process()
-    run_dir = run_directory(stage.name, config)
+    run_dir = run_directory(stage.name, config, stage.step)
     inputs = _resolve_inputs(stage, config)
     logger = get_logger(stage.name)
+    label = stage.label
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(run_dir, stage.name, enabled=main):
+    with _exclusive(run_dir, label, enabled=main):
         previous = read_manifest(run_dir)
         config_data = config.model_dump(mode="json")
         input_records = _hash_inputs(inputs, previous)
-        fingerprint = _fingerprint(config_data, input_records, config.fingerprint_exclude)
+        deciding = stage.fingerprinted(config)
+        fingerprint = _fingerprint(deciding, input_records)
         if previous is not None and not force:
             if previous.fingerprint != fingerprint:
                 raise KinoeError(
-                    _mismatch_message(stage.name, run_dir, previous, config, input_records)
+                    _mismatch_message(label, run_dir, previous, deciding, input_records)
                 )
             if previous.status == "complete":
                 logger.info(
                     "%s: skipped, %s is complete for this config and these inputs (--force redoes it)",
-                    stage.name,
+                    label,
                     run_dir,
                 )
                 return StageResult("skipped", run_dir, previous)
@@ -204,7 +230,7 @@ def run_stage(
             (run_dir / CONFIG_NAME).write_text(redact(dump_config(config)), encoding="utf-8")
         setup_logging(run_dir / LOGS_DIR / f"{stage.name}{_rank_suffix()}.log")
         manifest = Manifest(
-            stage=stage.name,
+            stage=label,
             status="running",
             run_dir=str(run_dir),
             fingerprint=fingerprint,
@@ -218,7 +244,7 @@ def run_stage(
         )
         if main:
             write_manifest(run_dir, manifest)
-        logger.info("%s: running in %s", stage.name, run_dir)
+        logger.info("%s: running in %s", label, run_dir)
         started = time.monotonic()
         context = StageContext(stage.name, config, run_dir, inputs, logger, main)
         try:
@@ -236,44 +262,70 @@ def run_stage(
             manifest.summary = {"jobs": summary.jobs, "note": summary.note}
             if main:
                 write_manifest(run_dir, manifest)
-            logger.info(
-                "%s: submitted jobs %s; %s", stage.name, ", ".join(summary.jobs), summary.note
-            )
+            logger.info("%s: submitted jobs %s; %s", label, ", ".join(summary.jobs), summary.note)
             return StageResult("submitted", run_dir, manifest)
         manifest.status = "complete"
         manifest.summary = summary
         if main:
             manifest.outputs = hash_tree(run_dir, exclude=BOOKKEEPING)
             write_manifest(run_dir, manifest)
-        logger.info(
-            "%s: complete in %.1f s, outputs in %s", stage.name, manifest.duration_s, run_dir
-        )
+        logger.info("%s: complete in %.1f s, outputs in %s", label, manifest.duration_s, run_dir)
         return StageResult("complete", run_dir, manifest)
 
 
 def _resolve_inputs(stage: Stage[C], config: C) -> dict[str, Path]:
     inputs = {key: Path(path) for key, path in stage.inputs(config).items()}
     for key, path in inputs.items():
-        if not path.exists():
-            raise KinoeError(
-                f"{stage.name}: input {key} = {path} does not exist; fix {key} in the config"
-            )
+        if path.exists():
+            continue
+        if " " in key:  # an earlier step's output, described with what to run
+            raise KinoeError(f"{stage.label}: {path} does not exist; {key}")
+        raise KinoeError(
+            f"{stage.label}: input {key} = {path} does not exist; fix {key} in the config"
+        )
     return inputs
 
 
 def _hash_inputs(inputs: dict[str, Path], previous: Manifest | None) -> dict[str, TreeRecord]:
     records = {}
     for key, path in inputs.items():
-        known = previous.inputs[key].files if previous and key in previous.inputs else ()
+        known = list(previous.inputs[key].files) if previous and key in previous.inputs else []
+        known += upstream_records(path)
         records[key] = hash_tree(path, known=known)
     return records
 
 
-def _fingerprint(
-    config_data: dict[str, Any], inputs: dict[str, TreeRecord], exclude: frozenset[str]
-) -> str:
+def upstream_records(path: Path) -> list[FileRecord]:
+    """Hashes an earlier kinoe stage already recorded for the files under ``path``.
+
+    When ``path`` is (inside) the run directory of a complete kinoe run, its manifest lists
+    every output file's size, mtime and hash; files unchanged since then need not be reread,
+    so handing a terabyte of documents to the next stage does not mean hashing it again.
+    """
+    path = Path(path).resolve()
+    for run_dir in (path, *list(path.parents)[:2]):
+        upstream = read_manifest(run_dir)
+        if upstream is None or upstream.status != "complete" or upstream.outputs is None:
+            continue
+        if path.is_file():
+            relative = path.relative_to(run_dir).as_posix()
+            return [
+                r.model_copy(update={"path": path.name})
+                for r in upstream.outputs.files
+                if r.path == relative
+            ]
+        prefix = "" if path == run_dir else path.relative_to(run_dir).as_posix() + "/"
+        return [
+            record.model_copy(update={"path": record.path[len(prefix) :]})
+            for record in upstream.outputs.files
+            if record.path.startswith(prefix)
+        ]
+    return []
+
+
+def _fingerprint(deciding: dict[str, Any], inputs: dict[str, TreeRecord]) -> str:
     what = {
-        "config": {key: value for key, value in config_data.items() if key not in exclude},
+        "config": deciding,
         "inputs": {key: record.sha256 for key, record in inputs.items()},
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
@@ -292,12 +344,11 @@ def _mismatch_message(
     stage: str,
     run_dir: Path,
     previous: Manifest,
-    config: StageConfig,
+    deciding: dict[str, Any],
     inputs: dict[str, TreeRecord],
 ) -> str:
-    exclude = config.fingerprint_exclude
-    before = _flatten({k: v for k, v in previous.config.items() if k not in exclude})
-    after = _flatten({k: v for k, v in config.model_dump(mode="json").items() if k not in exclude})
+    before = _flatten({k: v for k, v in previous.config.items() if k in deciding})
+    after = _flatten(deciding)
     changed = sorted(
         key for key in before.keys() | after.keys() if before.get(key) != after.get(key)
     )

@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "data_prep.cli",
         "filter and deduplicate Japanese text (mC4, Wikipedia, local files, Aozora) with datatrove",
     ),
+    "tokenizer": (
+        "tokenizer.cli",
+        "train a Japanese SentencePiece tokenizer, export it to Hugging Face, report, encode shards",
+    ),
     "doctor": (
         "launch.doctor",
         "check Python, torch/CUDA/NCCL, GPUs, DeepSpeed ops, packages, W&B login and disk",

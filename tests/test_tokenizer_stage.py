@@ -1,0 +1,269 @@
+"""kinoe tokenizer on real Japanese text: sampling, training, export, report, shards, errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import yaml
+
+from common.errors import ConfigError, KinoeError
+from common.run import load_stage_config, run_stage
+from data_prep.aozora import clean_aozora
+from data_prep.normalise import normalise_preset, normalise_text
+from tokenizer.chat import CHAT_TOKENS
+from tokenizer.cli import STEPS, hf_path, model_path, shards_path, step_dir
+from tokenizer.config import SampleConfig, TokenizerConfig
+from tokenizer.indexed import open_shard_set, tokenizer_sha256
+from tokenizer.sample import is_held_out, training_lines, write_sample
+
+from conftest import SHARED_DATA
+
+MISTRAL = SHARED_DATA / "tokenizers" / "mistral-7b-v0.1.model"
+LLM_JP = SHARED_DATA / "tokenizers" / "llm-jp-v2.2-50k.model"
+
+
+@pytest.fixture(scope="module")
+def documents(tmp_path_factory) -> Path:
+    """Real corpora as data_prep documents (normalised, documents contract), one file per source."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} is absent (see ../shared/data/SOURCES.md)")
+    folder = tmp_path_factory.mktemp("documents")
+    corpus = SHARED_DATA / "corpus"
+
+    def write(name: str, preset: str, records: list[tuple[str, str]]) -> None:
+        with gzip.open(folder / f"{name}.jsonl.gz", "wt", encoding="utf-8") as handle:
+            for doc_id, text in records:
+                text = normalise_text(text, normalise_preset(preset))
+                if text:
+                    record = {"id": doc_id, "text": text, "source": name, "metadata": {}}
+                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    with gzip.open(corpus / "wikipedia_ja_leads.jsonl.gz", "rt", encoding="utf-8") as handle:
+        write("wikipedia", "wikipedia", [(d["id"], d["text"]) for d in map(json.loads, handle)])
+    with gzip.open(corpus / "fineweb2_ja_web.jsonl.gz", "rt", encoding="utf-8") as handle:
+        write("web", "web", [(d["id"], d["text"]) for d in map(json.loads, handle)])
+    works = []
+    for bundle in ("card000081.tar.gz", "card000035.tar.gz"):
+        with tarfile.open(corpus / "aozora" / bundle) as archive:
+            for member in archive.getmembers():
+                if member.name.endswith(".txt"):
+                    works.append((member.name, clean_aozora(archive.extractfile(member).read())[0]))
+    write("aozora", "literature", works)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(documents, tmp_path_factory) -> TokenizerConfig:
+    """Train, export, report and encode once, as the commands do."""
+    runs = tmp_path_factory.mktemp("runs")
+    config = TokenizerConfig.model_validate(
+        {
+            "run": {"root": str(runs), "name": "real"},
+            "sample": {
+                "documents": str(documents),
+                "weights": {"wikipedia": 1.0, "web": 1.0, "aozora": 3.0},
+                "character_budget": 2_000_000,
+                "held_out_fraction": 0.1,
+                "held_out_max_documents": 400,
+            },
+            "trainer": {"vocab_size": 16_000, "num_threads": 2},
+            "report": {"references": {"mistral-7b-v0.1": str(MISTRAL), "llm-jp-v2.2": str(LLM_JP)}},
+            "executor": {"tasks": 2, "workers": 2},
+        }
+    )
+    for step in ("train", "export", "report", "encode"):
+        assert run_stage(STEPS[step], config).status == "complete", step
+    return config
+
+
+def held_out(config: TokenizerConfig) -> list[dict]:
+    with (step_dir(config, "train") / "held_out.jsonl").open() as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_compression_beats_the_references_on_held_out_wikipedia(trained):
+    report = json.loads((step_dir(trained, "report") / "report.json").read_text())
+    ours = report["tokenizers"]["kinoe"]["by_source"]["wikipedia"]
+    mistral = report["tokenizers"]["mistral-7b-v0.1"]["by_source"]["wikipedia"]
+    assert ours["documents"] >= 100
+    assert ours["characters_per_token"] >= 1.5
+    assert mistral["characters_per_token"] < 1.0  # about 0.9, see ../shared/data/SOURCES.md
+    assert report["tokenizers"]["kinoe"]["by_source"]["all"]["round_trip_exact"] == 1.0
+    assert report["tokenizers"]["kinoe"]["by_source"]["all"]["unknown_rate"] == 0.0
+    assert report["hf_sentencepiece_id_mismatches"] == 0
+    assert "| kinoe |" in (step_dir(trained, "report") / "report.md").read_text()
+
+
+def test_held_out_documents_never_reach_the_sample(tmp_path):
+    """Each real lead gets a unique marker sentence; held-out markers never reach the sample."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} is absent")
+    with gzip.open(
+        SHARED_DATA / "corpus" / "wikipedia_ja_leads.jsonl.gz", "rt", encoding="utf-8"
+    ) as handle:
+        leads = [json.loads(line) for line in handle]
+    folder = tmp_path / "documents"
+    folder.mkdir()
+    with gzip.open(folder / "00000.jsonl.gz", "wt", encoding="utf-8") as handle:
+        for lead in leads:
+            text = f"{lead['text']}\n整理番号{lead['id']}番。"
+            handle.write(
+                json.dumps(
+                    {"id": lead["id"], "text": text, "source": "wikipedia"}, ensure_ascii=False
+                )
+                + "\n"
+            )
+    sample_config = SampleConfig(
+        documents=folder, character_budget=10_000_000, held_out_fraction=0.2
+    )
+    stats = write_sample(sample_config, 4192, tmp_path / "sample.txt", tmp_path / "held_out.jsonl")
+    lines = set((tmp_path / "sample.txt").read_text(encoding="utf-8").splitlines())
+    held = [
+        json.loads(line)["id"] for line in (tmp_path / "held_out.jsonl").read_text().splitlines()
+    ]
+    assert (300 < len(held) < 520 and stats.held_out == {"*": len(held)}) or stats.held_out == {
+        "wikipedia": len(held)
+    }
+    assert not [i for i in held if f"整理番号{i}番。" in lines]
+    assert all(
+        f"整理番号{lead['id']}番。" in lines for lead in leads if lead["id"] not in set(held)
+    )
+
+
+def test_sample_follows_the_weights(trained):
+    stats = json.loads((step_dir(trained, "train") / "sample_stats.json").read_text())["sample"]
+    assert stats["budgets"] == {"wikipedia": 400_000, "web": 400_000, "aozora": 1_200_000}
+    # Wikipedia and web hold less text than their budgets; Aozora fills its share.
+    assert stats["characters"]["aozora"] >= 1_200_000
+    assert set(stats["shortfalls"]) == {"wikipedia", "web"}
+
+
+def test_every_special_and_chat_token_is_one_piece(trained):
+    processor = spm.SentencePieceProcessor(model_file=str(model_path(trained)))
+    assert processor.get_piece_size() == 16_000
+    assert [processor.id_to_piece(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<pad>"]
+    for token in ("\n", *CHAT_TOKENS):
+        assert len(processor.encode(token)) == 1, token
+
+
+def test_hf_directory_loads_and_matches_sentencepiece(trained):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_path(trained))
+    processor = spm.SentencePieceProcessor(model_file=str(model_path(trained)))
+    assert tokenizer.is_fast and (
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+    ) == (1, 2, 3)
+    for document in held_out(trained)[:100]:
+        ids = tokenizer(document["text"], add_special_tokens=False).input_ids
+        assert ids == processor.encode(document["text"])
+        assert tokenizer.decode(ids) == document["text"]
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "日本の首都は？"}], tokenize=False, add_generation_prompt=True
+    )
+    assert rendered == "<|im_start|>user\n日本の首都は？<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_shards_round_trip_to_the_documents(trained, documents):
+    processor = spm.SentencePieceProcessor(model_file=str(model_path(trained)))
+    sha = tokenizer_sha256(model_path(trained))
+    for source in ("wikipedia", "web", "aozora"):
+        datasets = open_shard_set(shards_path(trained) / source, sha)
+        decoded = []
+        for dataset in datasets:
+            assert dataset.dtype == np.uint16  # 16,000 pieces fit
+            for index in range(len(dataset)):
+                ids = dataset[index].tolist()
+                assert ids[-1] == processor.eos_id()
+                decoded.append(processor.decode(ids[:-1]))
+        with gzip.open(documents / f"{source}.jsonl.gz", "rt", encoding="utf-8") as handle:
+            expected = [json.loads(line)["text"] for line in handle]
+        assert sorted(decoded) == sorted(expected)
+
+
+def test_shards_refuse_another_tokenizer(trained):
+    with pytest.raises(KinoeError) as caught:
+        open_shard_set(shards_path(trained) / "wikipedia", tokenizer_sha256(MISTRAL))
+    message = str(caught.value)
+    assert "\n" not in message and "kinoe tokenizer encode" in message
+    assert (
+        tokenizer_sha256(MISTRAL)[:12] in message
+        and tokenizer_sha256(model_path(trained))[:12] in message
+    )
+
+
+def test_rerun_is_skipped_and_steps_keep_their_own_fingerprints(trained):
+    assert run_stage(STEPS["train"], trained).status == "skipped"
+    # A report setting does not redo encoding; a trainer setting would redo training.
+    changed = trained.model_copy(
+        update={"report": trained.report.model_copy(update={"references": {}})}
+    )
+    assert run_stage(STEPS["encode"], changed).status == "skipped"
+    retrained = trained.model_copy(deep=True)
+    retrained.trainer.vocab_size = 16_128
+    with pytest.raises(KinoeError, match=r"changed: trainer.vocab_size"):
+        run_stage(STEPS["train"], retrained)
+
+
+def test_training_lines_respect_the_byte_limit():
+    text = "とても長い一文" * 2000 + "。次の文です。\n改行の後。"
+    lines = list(training_lines(text, 4192))
+    assert all(len(line.encode("utf-8")) <= 4192 for line in lines)
+    assert "".join(lines) == text.replace("\n", "")
+    assert lines[-2:] == ["次の文です。", "改行の後。"]
+
+
+def test_held_out_choice_is_stable_and_proportional():
+    chosen = [is_held_out(str(i), 7, 0.1) for i in range(20_000)]
+    assert chosen == [is_held_out(str(i), 7, 0.1) for i in range(20_000)]
+    assert 0.09 < sum(chosen) / len(chosen) < 0.11
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "trainer.vocab_size=65000",
+            "vocab_size 65000 is not a multiple of 128; use 64896 or 65024",
+        ),
+        ("trainer.model_type=wordpiece", "'trainer.model_type'"),
+        ("sample.weights.web=0", "weights must be positive; fix web"),
+    ],
+)
+def test_config_mistakes_are_one_line(tmp_path, override, expected):
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump({"sample": {"documents": str(tmp_path)}}))
+    with pytest.raises(ConfigError) as caught:
+        load_stage_config(TokenizerConfig, path, [override])
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_missing_earlier_step_says_what_to_run(tmp_path):
+    config = TokenizerConfig.model_validate(
+        {"run": {"root": str(tmp_path)}, "sample": {"documents": str(tmp_path)}}
+    )
+    with pytest.raises(KinoeError, match="run `kinoe tokenizer train` with this config first"):
+        run_stage(STEPS["export"], config)
+
+
+def test_quickstart_commands_chain(kinoe, tmp_path):
+    runs = f"run.root={tmp_path}"
+    documents = f"sample.documents={tmp_path}/data/quickstart/documents"
+    assert kinoe("data", "-c", "configs/data/quickstart.yaml", runs).returncode == 0
+    for step in ("train", "export", "report", "encode"):
+        result = kinoe(
+            "tokenizer", step, "-c", "configs/tokenizer/quickstart.yaml", runs, documents
+        )
+        assert result.returncode == 0, result.stderr[-1500:]
+    shards = tmp_path / "tokenizer" / "quickstart" / "encode" / "shards"
+    assert {p.name for p in shards.iterdir()} == {"web", "wikipedia"}
+    manifest = json.loads((shards.parent / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and sum(manifest["summary"]["tokens"].values()) > 10_000

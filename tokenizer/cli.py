@@ -1,0 +1,285 @@
+"""``kinoe tokenizer train|export|report|encode``: four steps, one config, a run directory each.
+
+<run.root>/tokenizer/<run.name>/train/    tokenizer.model, tokenizer.vocab, sample.txt, held_out.jsonl
+                               /export/   hf/ (Hugging Face tokenizer directory)
+                               /report/   report.json, report.md
+                               /encode/   shards/<source>/<task>.bin|.idx, shards.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from common.command import add_stage_arguments
+from common.executor import (
+    PipelineStage,
+    check_slurm_ready,
+    kinoe_command,
+    run_locally,
+    submit_finishing_job,
+    submit_to_slurm,
+)
+from common.manifest import write_json_atomic
+from common.run import (
+    CONFIG_NAME,
+    Stage,
+    StageContext,
+    Submitted,
+    load_stage_config,
+    run_directory,
+    run_stage,
+)
+from tokenizer.config import TokenizerConfig
+
+MODEL_FILE = "tokenizer.model"
+HELD_OUT_FILE = "held_out.jsonl"
+HF_DIR = "hf"
+SHARDS_DIR = "shards"
+
+
+def step_dir(config: TokenizerConfig, step: str) -> Path:
+    """The run directory of one step of this tokenizer run."""
+    return run_directory("tokenizer", config, step)
+
+
+def model_path(config: TokenizerConfig) -> Path:
+    """The trained SentencePiece model."""
+    return step_dir(config, "train") / MODEL_FILE
+
+
+def hf_path(config: TokenizerConfig) -> Path:
+    """The exported Hugging Face tokenizer directory."""
+    return step_dir(config, "export") / HF_DIR
+
+
+def shards_path(config: TokenizerConfig) -> Path:
+    """The encoded token shards, one shard set per source."""
+    return step_dir(config, "encode") / SHARDS_DIR
+
+
+def train_step(context: StageContext[TokenizerConfig]) -> dict[str, Any]:
+    """Sample the documents, then train SentencePiece on the sample."""
+    import time
+
+    from tokenizer.sample import write_sample
+    from tokenizer.train import train
+
+    config = context.config
+    sample_path = context.run_dir / "sample.txt"
+    stats = write_sample(
+        config.sample,
+        config.trainer.max_sentence_length,
+        sample_path,
+        context.run_dir / HELD_OUT_FILE,
+    )
+    for pool, missing in stats.shortfalls().items():
+        context.logger.warning(
+            "tokenizer: source %s had %s characters fewer than its budget", pool, f"{missing:,}"
+        )
+    context.logger.info(
+        "tokenizer: training %s, %s pieces, on %s characters in %s lines",
+        config.trainer.model_type,
+        f"{config.trainer.vocab_size:,}",
+        f"{sum(stats.characters.values()):,}",
+        f"{sum(stats.lines.values()):,}",
+    )
+    started = time.monotonic()
+    options = train(config.trainer, sample_path, context.run_dir / "tokenizer")
+    seconds = round(time.monotonic() - started, 1)
+    write_json_atomic(context.run_dir / "trainer_options.json", options)
+    summary = {
+        "training_seconds": seconds,
+        "sample": {
+            "characters": stats.characters,
+            "lines": stats.lines,
+            "documents": stats.documents,
+            "held_out": stats.held_out,
+            "budgets": stats.budgets,
+            "shortfalls": stats.shortfalls(),
+        },
+    }
+    write_json_atomic(context.run_dir / "sample_stats.json", summary)
+    return summary
+
+
+def export_step(context: StageContext[TokenizerConfig]) -> dict[str, Any]:
+    """Export to a Hugging Face directory and prove its ids equal SentencePiece's on held-out text."""
+    from tokenizer.chat import CHAT_TEMPLATE
+    from tokenizer.hf_export import export_hf_tokenizer, id_mismatches
+    from tokenizer.report import load_held_out
+
+    config = context.config
+    out = export_hf_tokenizer(model_path(config), context.run_dir / HF_DIR, CHAT_TEMPLATE)
+    texts = [d["text"] for d in load_held_out(step_dir(config, "train") / HELD_OUT_FILE)]
+    mismatches = id_mismatches(model_path(config), out, texts)
+    if mismatches:
+        text = mismatches[0][0]
+        raise RuntimeError(
+            f"Hugging Face export disagrees with SentencePiece on {len(mismatches)} of {len(texts)} "
+            f"held-out texts, first: {text[:80]!r}"
+        )
+    return {"hf_dir": str(out), "verified_texts": len(texts), "mismatches": 0}
+
+
+def report_step(context: StageContext[TokenizerConfig]) -> dict[str, Any]:
+    """Compare ours with the reference tokenizers on the held-out documents."""
+    from tokenizer.hf_export import id_mismatches
+    from tokenizer.report import load_held_out, write_report
+
+    config = context.config
+    held_out = load_held_out(step_dir(config, "train") / HELD_OUT_FILE)
+    mismatches = id_mismatches(model_path(config), hf_path(config), [d["text"] for d in held_out])
+    return write_report(
+        model_path(config),
+        dict(config.report.references),
+        held_out,
+        len(mismatches),
+        context.run_dir,
+    )
+
+
+def encode_step(context: StageContext[TokenizerConfig]) -> dict[str, Any] | Submitted:
+    """Encode every document into Megatron shards, one shard set per source."""
+    import sentencepiece as spm
+    from datatrove.pipeline.readers import JsonlReader, ParquetReader
+
+    from tokenizer.encode import EncodeShards, assemble_shard_sets
+    from tokenizer.indexed import tokenizer_sha256
+
+    config = context.config
+    documents = config.documents_to_encode()
+    parquet = any(documents.rglob("*.parquet"))
+    reader = (
+        ParquetReader(str(documents), glob_pattern="**/*.parquet")
+        if parquet
+        else JsonlReader(str(documents), glob_pattern="**/*.jsonl*")
+    )
+    output = context.run_dir / SHARDS_DIR
+    stages = [
+        PipelineStage(
+            "encode",
+            [reader, EncodeShards(str(model_path(config)), str(output))],
+            config.executor.tasks,
+        )
+    ]
+    logs = lambda name: context.run_dir / "work" / "logs" / name  # noqa: E731
+    if config.executor.kind == "slurm":
+        slurm_logs = context.run_dir / "work" / "slurm_logs"
+        jobs = submit_to_slurm(stages, config.executor, logs, slurm_logs, job_prefix(config))
+        finish = submit_finishing_job(
+            config.executor,
+            f"{job_prefix(config)}index",
+            slurm_logs,
+            kinoe_command(
+                "tokenizer",
+                "encode",
+                "-c",
+                str(context.run_dir / CONFIG_NAME),
+                "executor.kind=local",
+            ),
+            jobs[-1] if jobs else None,
+        )
+        return Submitted(
+            jobs=[*jobs, finish], note=f"job {finish} writes shards.json and completes the manifest"
+        )
+    timings = run_locally(stages, config.executor, logs, context.logger, "tokenizer encode")
+    processor = spm.SentencePieceProcessor(model_file=str(model_path(config)))
+    sets = assemble_shard_sets(
+        output, tokenizer_sha256(model_path(config)), processor.get_piece_size(), processor.eos_id()
+    )
+    tokens = {source: meta["tokens"] for source, meta in sets.items()}
+    seconds = timings["encode"]
+    context.logger.info(
+        "tokenizer encode: %s tokens in %.1f s (%s tokens/s) into %s",
+        f"{sum(tokens.values()):,}",
+        seconds,
+        f"{sum(tokens.values()) / max(seconds, 1e-9):,.0f}",
+        output,
+    )
+    return {
+        "tokens": tokens,
+        "documents": {source: meta["documents"] for source, meta in sets.items()},
+        "tokenizer_sha256": tokenizer_sha256(model_path(config)),
+        "seconds": seconds,
+    }
+
+
+def job_prefix(config: TokenizerConfig) -> str:
+    """SLURM job names of this run's encoding start with this."""
+    return f"kinoe-tokenizer-{config.run.name}-"
+
+
+def _encode_precheck(config: TokenizerConfig) -> None:
+    if config.executor.kind == "slurm":
+        check_slurm_ready(job_prefix(config))
+
+
+TRAIN_FIRST = "run `kinoe tokenizer train` with this config first"
+EXPORT_FIRST = "run `kinoe tokenizer export` with this config first"
+
+STEPS: dict[str, Stage] = {
+    "train": Stage(
+        "tokenizer",
+        TokenizerConfig,
+        train_step,
+        inputs=lambda c: {"sample.documents": c.sample.documents},
+        step="train",
+        fingerprint_sections=frozenset({"sample", "trainer"}),
+    ),
+    "export": Stage(
+        "tokenizer",
+        TokenizerConfig,
+        export_step,
+        inputs=lambda c: {TRAIN_FIRST: model_path(c)},
+        step="export",
+        fingerprint_sections=frozenset(),
+    ),
+    "report": Stage(
+        "tokenizer",
+        TokenizerConfig,
+        report_step,
+        inputs=lambda c: {
+            TRAIN_FIRST: step_dir(c, "train") / HELD_OUT_FILE,
+            EXPORT_FIRST: hf_path(c),
+            **{f"report.references.{name}": path for name, path in c.report.references.items()},
+        },
+        step="report",
+        fingerprint_sections=frozenset({"report"}),
+    ),
+    "encode": Stage(
+        "tokenizer",
+        TokenizerConfig,
+        encode_step,
+        inputs=lambda c: {
+            (
+                "encode.documents" if c.encode.documents else "sample.documents"
+            ): c.documents_to_encode(),
+            TRAIN_FIRST: model_path(c),
+        },
+        precheck=_encode_precheck,
+        step="encode",
+        fingerprint_sections=frozenset({"encode"}),
+    ),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    steps = parser.add_subparsers(dest="step", metavar="<step>", required=True)
+    helps = {
+        "train": "sample data_prep documents and train SentencePiece",
+        "export": "write a Hugging Face tokenizer directory and verify its ids",
+        "report": "compare compression and exactness with reference tokenizers on held-out text",
+        "encode": "encode documents into Megatron .bin/.idx shards, one set per source",
+    }
+    for name, help_line in helps.items():
+        add_stage_arguments(steps.add_parser(name, help=help_line, description=help_line))
+
+
+def main(args: argparse.Namespace) -> int:
+    stage = STEPS[args.step]
+    config = load_stage_config(TokenizerConfig, args.config, args.overrides)
+    run_stage(stage, config, force=args.force, command=["kinoe", *sys.argv[1:]])
+    return 0

@@ -1,0 +1,129 @@
+"""The ``kinoe tokenizer`` config: what to sample, how to train, what to compare, how to encode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from common.config import Config
+from common.executor import ExecutorConfig
+from common.run import StageConfig
+
+# GPU matrix multiplies run fastest when the embedding's rows come in multiples of 128.
+VOCAB_MULTIPLE = 128
+# Below this, token ids fit uint16 in the shards (Megatron's rule); above it they take int32.
+UINT16_VOCAB_LIMIT = 65_500
+
+
+class SampleConfig(Config):
+    """Which text the tokenizer learns from: a weighted, budgeted sample of data_prep documents."""
+
+    documents: Path = Field(
+        description="Folder of data_prep documents (JSONL.gz or Parquet, documents contract), "
+        "e.g. runs/data/<name>/documents"
+    )
+    weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Sampling weight per source; sources not listed are left out. Empty: every "
+        "source, equally",
+    )
+    character_budget: int = Field(
+        20_000_000, ge=10_000, description="Characters of training text in total, split by weight"
+    )
+    held_out_fraction: float = Field(
+        0.01, gt=0, lt=0.5, description="Share of documents kept out of training for the report"
+    )
+    held_out_max_documents: int = Field(2000, ge=10, description="Cap on held-out documents")
+    seed: int = 1234
+
+    @field_validator("weights")
+    @classmethod
+    def _positive(cls, weights: dict[str, float]) -> dict[str, float]:
+        bad = [name for name, weight in weights.items() if weight <= 0]
+        if bad:
+            raise ValueError(f"weights must be positive; fix {', '.join(bad)}")
+        return weights
+
+
+class TrainerConfig(Config):
+    """The SentencePiece options kinoe chooses; docs/tokenizer.md gives the reason for each."""
+
+    model_type: Literal["unigram", "bpe"] = "unigram"
+    vocab_size: int = Field(65_024, ge=512, description="Pieces, a multiple of 128")
+    character_coverage: float = Field(0.9995, gt=0.9, le=1.0)
+    byte_fallback: bool = True
+    split_digits: bool = True
+    max_piece_length: int = Field(16, ge=1, le=64, description="Characters per piece at most")
+    max_sentence_length: int = Field(
+        4192, ge=256, description="Bytes per training line at most (longer lines are split)"
+    )
+    input_sentence_size: int = Field(
+        10_000_000, ge=0, description="Lines the trainer loads (0: all); bounds its memory"
+    )
+    shuffle_input_sentence: bool = True
+    seed_sentencepiece_size: int = Field(1_000_000, ge=1000, description="Unigram seed pieces")
+    num_threads: int = Field(16, ge=1, description="Trainer threads")
+
+    @field_validator("vocab_size")
+    @classmethod
+    def _multiple_of_128(cls, size: int) -> int:
+        if size % VOCAB_MULTIPLE:
+            lower = size - size % VOCAB_MULTIPLE
+            raise ValueError(
+                f"vocab_size {size} is not a multiple of {VOCAB_MULTIPLE}; use {lower} or "
+                f"{lower + VOCAB_MULTIPLE}"
+            )
+        return size
+
+
+class ReportSettings(Config):
+    """Which reference tokenizers the report compares against (SentencePiece .model files)."""
+
+    references: dict[str, Path] = Field(
+        default_factory=dict, description="name -> SentencePiece model, e.g. mistral-7b-v0.1"
+    )
+
+    @field_validator("references")
+    @classmethod
+    def _exist(cls, references: dict[str, Path]) -> dict[str, Path]:
+        missing = [
+            f"{name} ({path})" for name, path in references.items() if not Path(path).is_file()
+        ]
+        if missing:
+            raise ValueError(f"reference tokenizer files not found: {', '.join(missing)}")
+        return references
+
+
+class EncodeSettings(Config):
+    """How documents become token shards."""
+
+    documents: Path | None = Field(
+        None, description="Folder of documents to encode; default: sample.documents"
+    )
+    batch_size: int = Field(256, ge=1, description="Documents per SentencePiece batch call")
+
+
+class TokenizerConfig(StageConfig):
+    """``kinoe tokenizer train|export|report|encode``: one config, one run directory per step."""
+
+    fingerprint_exclude: ClassVar[frozenset[str]] = frozenset({"run", "executor"})
+
+    sample: SampleConfig
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    report: ReportSettings = Field(default_factory=ReportSettings)
+    encode: EncodeSettings = Field(default_factory=EncodeSettings)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+
+    @model_validator(mode="after")
+    def _line_limit_fits_trainer(self) -> TokenizerConfig:
+        if self.trainer.max_sentence_length > 1 << 16:
+            raise ValueError(
+                "trainer.max_sentence_length above 65536 bytes makes SentencePiece slow; lower it"
+            )
+        return self
+
+    def documents_to_encode(self) -> Path:
+        """The documents ``encode`` reads."""
+        return self.encode.documents or self.sample.documents

@@ -1,0 +1,213 @@
+"""Encoding documents into token shards: a datatrove step per task, then one assembly at the end.
+
+``EncodeShards`` runs in every task of a datatrove pipeline. It writes the documents of each
+source it meets to ``<output_dir>/<source>/<rank:05d>.bin``/``.idx`` (one document per
+sequence, EOS appended) and, when the task ends, ``<output_dir>/<source>/<rank:05d>.json`` with
+that shard's document and token counts. After every task has finished,
+``assemble_shard_sets`` checks the shards against those counts and writes each source's
+``shards.json`` (tokenizer hash included, see ``tokenizer.indexed``).
+
+Paths are local (or a shared file system mounted on every node); object stores are not
+supported, because the writer renames files into place.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
+
+from common.errors import KinoeError
+from tokenizer.indexed import (
+    IndexedDataset,
+    IndexedDatasetWriter,
+    data_path,
+    dtype_for_vocab,
+    index_path,
+    write_shard_set_metadata,
+)
+
+TASK_TALLY = re.compile(r"^(\d+)\.json$")
+
+
+def _source_of(document: Document) -> str:
+    """The document's source, which names its shard directory (ValueError when unusable)."""
+    source = document.metadata.get("source")
+    if source is None or source == "":
+        raise ValueError(
+            f"document {document.id!r} has no 'source' in its metadata; token shards are "
+            "written per source, so every document needs one"
+        )
+    source = str(source)
+    if "/" in source or "\\" in source or source in (".", "..") or source.startswith("."):
+        raise ValueError(
+            f"document {document.id!r} has source {source!r}, which cannot name a shard directory"
+        )
+    return source
+
+
+class EncodeShards(PipelineStep):
+    """Encode documents with a SentencePiece model into per-source token shards for this task.
+
+    A terminal step: it consumes every document and yields none, because its output is the
+    shards (put any step that should see the documents before it). Documents are encoded in
+    batches of ``batch_size`` with SentencePiece's batched (C++, multithreaded) ``encode``.
+    The processor is loaded on first use in the task and is never pickled, so the step can
+    be sent to worker processes. If the task fails, the unfinished shards are removed and no
+    per-task tally is written, so a rerun starts clean.
+    """
+
+    name = "encode"
+    type = "🔢 - TOKENIZE"
+
+    def __init__(
+        self, model_path: str, output_dir: str, append_eos: bool = True, batch_size: int = 256
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.model_path = str(model_path)
+        self.output_dir = str(output_dir)
+        self.append_eos = append_eos
+        self.batch_size = batch_size
+        self._processor = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_processor"] = None
+        return state
+
+    @property
+    def processor(self):
+        """The SentencePiece processor, loaded on first use."""
+        if self._processor is None:
+            import sentencepiece
+
+            if not Path(self.model_path).is_file():
+                raise KinoeError(f"{self.model_path}: tokenizer model file not found")
+            self._processor = sentencepiece.SentencePieceProcessor(model_file=self.model_path)
+        return self._processor
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        self._encode(data or (), rank)
+        yield from ()
+
+    def _encode(self, data: DocumentsPipeline, rank: int) -> None:
+        processor = self.processor
+        vocab_size = processor.get_piece_size()
+        eos_id = processor.eos_id()
+        if self.append_eos and eos_id < 0:
+            raise KinoeError(f"{self.model_path}: the tokenizer has no EOS piece to end documents")
+        output = Path(self.output_dir)
+        writers: dict[str, IndexedDatasetWriter] = {}
+        try:
+            batch: list[Document] = []
+            for document in data:
+                _source_of(document)
+                batch.append(document)
+                if len(batch) >= self.batch_size:
+                    self._write_batch(batch, writers, output, rank, vocab_size, eos_id)
+                    batch = []
+            if batch:
+                self._write_batch(batch, writers, output, rank, vocab_size, eos_id)
+            for writer in writers.values():
+                writer.finalize()
+        except BaseException:
+            for writer in writers.values():
+                writer.abort()
+            raise
+        for source, writer in writers.items():
+            tally = output / source / f"{rank:05d}.json"
+            temporary = tally.with_name(f".{tally.name}.tmp")
+            temporary.write_text(
+                json.dumps({"documents": writer.documents, "tokens": writer.tokens}) + "\n"
+            )
+            temporary.replace(tally)
+
+    def _write_batch(
+        self,
+        batch: list[Document],
+        writers: dict[str, IndexedDatasetWriter],
+        output: Path,
+        rank: int,
+        vocab_size: int,
+        eos_id: int,
+    ) -> None:
+        with self.track_time(unit="batch"):
+            encoded = self.processor.encode([document.text for document in batch])
+            for document, ids in zip(batch, encoded, strict=True):
+                source = _source_of(document)
+                writer = writers.get(source)
+                if writer is None:
+                    writer = IndexedDatasetWriter(output / source / f"{rank:05d}", vocab_size)
+                    writers[source] = writer
+                if self.append_eos:
+                    ids.append(eos_id)
+                writer.add_document(np.asarray(ids, dtype=np.int64))
+                self.stat_update("documents")
+                self.stat_update("tokens", value=len(ids), unit="doc")
+                self.stat_update(f"tokens_{source}", value=len(ids), unit="doc")
+
+
+def assemble_shard_sets(
+    output_dir: Path, tokenizer_sha256: str, vocab_size: int, eos_id: int
+) -> dict[str, dict]:
+    """Write ``shards.json`` for every source under ``output_dir`` from the tasks' tallies.
+
+    Shards are listed by rank. Each listed ``.bin``/``.idx`` must exist and hold the documents
+    and tokens its task reported, in the dtype ``vocab_size`` calls for (KinoeError otherwise).
+    Returns the written metadata per source.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise KinoeError(f"{output_dir}: token shard directory not found")
+    expected_dtype = dtype_for_vocab(vocab_size)
+    assembled: dict[str, dict] = {}
+    for directory in sorted(path for path in output_dir.iterdir() if path.is_dir()):
+        tallies = sorted(
+            (int(match.group(1)), path)
+            for path in directory.iterdir()
+            if (match := TASK_TALLY.match(path.name))
+        )
+        if not tallies:
+            continue
+        shards = []
+        for _, tally_path in tallies:
+            try:
+                tally = json.loads(tally_path.read_text(encoding="utf-8"))
+                documents, tokens = int(tally["documents"]), int(tally["tokens"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+                raise KinoeError(f"{tally_path}: unreadable task tally ({error})") from None
+            prefix = directory / tally_path.name.removesuffix(".json")
+            for path in (data_path(prefix), index_path(prefix)):
+                if not path.is_file():
+                    raise KinoeError(f"{path}: missing, though {tally_path.name} reports it")
+            dataset = IndexedDataset(prefix)
+            if dataset.dtype != expected_dtype:
+                raise KinoeError(
+                    f"{dataset.index_path}: dtype {dataset.dtype.name}, but a vocabulary of "
+                    f"{vocab_size} calls for {expected_dtype.name}; encoded with another tokenizer?"
+                )
+            if dataset.documents != documents or dataset.num_tokens != tokens:
+                raise KinoeError(
+                    f"{dataset.index_path}: {dataset.documents} documents and "
+                    f"{dataset.num_tokens} tokens, but {tally_path.name} reports {documents} "
+                    f"and {tokens}"
+                )
+            shards.append({"prefix": prefix.name, "documents": documents, "tokens": tokens})
+        assembled[directory.name] = write_shard_set_metadata(
+            directory,
+            source=directory.name,
+            tokenizer_sha256=tokenizer_sha256,
+            vocab_size=vocab_size,
+            eos_id=eos_id,
+            shards=shards,
+        )
+    if not assembled:
+        raise KinoeError(f"{output_dir}: no encoded shards found (did the encode tasks run?)")
+    return assembled
