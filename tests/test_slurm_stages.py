@@ -1,4 +1,4 @@
-"""kinoe data on a real SLURM cluster: array jobs per step, then the report job completes the run."""
+"""Stages on a real SLURM cluster: array jobs per step, then a finishing job completes the run."""
 
 from __future__ import annotations
 
@@ -66,3 +66,47 @@ def test_slurm_arrays_then_report_job_complete_the_run(slurm_cluster, monkeypatc
         ),
     )
     assert again.status == "skipped"
+
+
+def test_tokenizer_encoding_runs_as_a_slurm_array(slurm_cluster, monkeypatch, tmp_path):
+    from tokenizer.cli import STEPS, shards_path
+    from tokenizer.config import TokenizerConfig
+    from tokenizer.indexed import open_shard_set
+
+    slurm_cluster.export_env(monkeypatch)
+    documents = tmp_path / "documents"
+    documents.mkdir()
+    for name in ("web", "wikipedia"):
+        lines = (QUICKSTART / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+        records = [json.loads(line) for line in lines]
+        with (documents / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
+            for index, record in enumerate(r for r in records if r["text"].strip()):
+                document = {"id": f"{name}-{index}", "text": record["text"], "source": name}
+                handle.write(json.dumps(document, ensure_ascii=False) + "\n")
+    config = TokenizerConfig.model_validate(
+        {
+            "run": {"root": str(tmp_path / "runs"), "name": "on-slurm"},
+            "sample": {"documents": str(documents), "character_budget": 100_000},
+            "trainer": {"vocab_size": 2048, "character_coverage": 0.99, "num_threads": 2},
+            "executor": {
+                "kind": "slurm",
+                "tasks": 2,
+                "slurm": {"partition": "debug", "time": "00:20:00", "mem_per_cpu_gb": 1},
+            },
+        }
+    )
+    monkeypatch.chdir(tmp_path)
+    assert run_stage(STEPS["train"], config).status == "complete"  # training runs where called
+    submitted = run_stage(STEPS["encode"], config)
+    assert submitted.status == "submitted"
+    jobs = submitted.manifest.summary["jobs"]
+    assert slurm_cluster.wait(jobs[-1], timeout=300) == "COMPLETED"
+    manifest = read_manifest(submitted.run_dir)
+    assert manifest.status == "complete"
+    sha = manifest.summary["tokenizer_sha256"]
+    total = sum(
+        len(d)
+        for source in ("web", "wikipedia")
+        for d in open_shard_set(shards_path(config) / source, sha)
+    )
+    assert total == sum(manifest.summary["documents"].values()) > 100
