@@ -128,10 +128,12 @@ def _markdown(report: dict[str, Any]) -> str:
             )
         lines.append("")
     lines += [
-        "Characters and bytes per token: more text per token means longer effective context and",
-        "fewer steps per epoch. Round trip: decode(encode(text)) == text; kinoe's tokenizer has no",
-        "normaliser of its own (data_prep already normalised the text), references normalise and",
-        "add a prefix space, so they do not round-trip exactly.",
+        "Characters and bytes per token: more text per token means a longer effective context and",
+        "fewer tokens to train on for the same text. Round trip: decode(encode(text)) == text on the",
+        "held-out documents, which data_prep has already normalised. kinoe's tokenizer has no",
+        "normaliser of its own, so it is exact on any normalised text by construction; the",
+        "references normalise (and add a prefix space that decoding removes), which shows only on",
+        "text that is not already in their normal form.",
         "",
     ]
     return "\n".join(lines)
