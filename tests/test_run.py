@@ -211,3 +211,35 @@ def test_precheck_refusal_leaves_the_run_directory_as_it_was(config_file):
         run_stage(guarded, load_stage_config(CountConfig, config_file), force=True)
     assert (first.run_dir / "manifest.json").read_bytes() == before
     assert (first.run_dir / "total.json").exists()
+
+
+def test_inputs_inside_an_earlier_run_reuse_its_recorded_hashes(config_file, tmp_path):
+    """A stage reading another run's outputs trusts that run's manifest for unchanged files."""
+    upstream = run_stage(COUNT, load_stage_config(CountConfig, config_file))
+    manifest_path = upstream.run_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    # Plant a recognisable hash for one unchanged output file: if it comes back, nothing reread it.
+    for record in manifest["outputs"]["files"]:
+        if record["path"] == "lengths/lengths.tsv":
+            record["sha256"] = "f" * 64
+    manifest_path.write_text(json.dumps(manifest))
+
+    downstream_config = tmp_path / "downstream.yaml"
+    downstream_config.write_text(
+        f"documents: {upstream.run_dir / 'lengths'}\nrun:\n  root: {tmp_path / 'runs2'}\n"
+    )
+
+    def inputs_of(context):
+        return {"files": len(context.inputs)}
+
+    reader = Stage("reader", CountConfig, inputs_of, inputs=lambda c: {"documents": c.documents})
+    result = run_stage(reader, load_stage_config(CountConfig, downstream_config))
+    (record,) = result.manifest.inputs["documents"].files
+    assert record.path == "lengths.tsv" and record.sha256 == "f" * 64
+    # Once the file changes, its real hash is computed.
+    (upstream.run_dir / "lengths" / "lengths.tsv").write_text("変更\t1\n")
+    changed = run_stage(reader, load_stage_config(CountConfig, downstream_config), force=True)
+    assert (
+        changed.manifest.inputs["documents"].files[0].sha256
+        == hashlib.sha256("変更\t1\n".encode()).hexdigest()
+    )
