@@ -165,7 +165,10 @@ def encode_step(context: StageContext[TokenizerConfig]) -> dict[str, Any] | Subm
             config.executor.tasks,
         )
     ]
-    logs = lambda name: context.run_dir / "work" / "logs" / name  # noqa: E731
+
+    def logs(name: str) -> Path:
+        return context.run_dir / "work" / "logs" / name
+
     if config.executor.kind == "slurm":
         slurm_logs = context.run_dir / "work" / "slurm_logs"
         jobs = submit_to_slurm(stages, config.executor, logs, slurm_logs, job_prefix(config))
