@@ -357,3 +357,38 @@ def test_quickstart_command_runs_and_reruns_are_skipped(kinoe, tmp_path):
     )
     second = kinoe("data", "-c", "configs/data/quickstart.yaml", f"run.root={tmp_path / 'runs'}")
     assert second.returncode == 0 and "skipped" in second.stderr
+
+
+def test_parquet_output_follows_the_contract_and_feeds_the_tokenizer(tmp_path):
+    import pyarrow.parquet as pq
+
+    from tokenizer.config import SampleConfig
+    from tokenizer.sample import write_sample
+
+    quickstart = Path(__file__).resolve().parent.parent / "data_prep" / "quickstart"
+    config = DataConfig.model_validate(
+        {
+            "run": {"root": str(tmp_path / "runs"), "name": "parquet"},
+            "sources": [
+                {"name": "web", "kind": "jsonl", "path": str(quickstart), "glob": "web.jsonl"}
+            ],
+            "output": {"format": "parquet"},
+            "executor": {"tasks": 1},
+        }
+    )
+    result = run_stage(STAGE, config)
+    files = sorted((result.run_dir / "documents").glob("*.parquet"))
+    assert files
+    rows = [row for path in files for row in pq.read_table(path).to_pylist()]
+    assert len(rows) == result.manifest.summary["documents_kept"] > 0
+    assert set(rows[0]) == {"id", "text", "source", "metadata"}
+    assert json.loads(rows[0]["metadata"])["filter_scores"]  # metadata travels as a JSON string
+    stats = write_sample(
+        SampleConfig(
+            documents=result.run_dir / "documents", character_budget=10_000, held_out_fraction=0.05
+        ),
+        4192,
+        tmp_path / "sample.txt",
+        tmp_path / "held_out.jsonl",
+    )
+    assert sum(stats.characters.values()) >= 10_000 and stats.documents["web"] > 0
