@@ -1,0 +1,1 @@
+"""Model architectures: one package per family, each with args, model and state-dict adapter."""

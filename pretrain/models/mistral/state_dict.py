@@ -1,0 +1,104 @@
+"""Conversion between our parameter names and Hugging Face ``MistralForCausalLM``'s.
+
+Tensors pass through unchanged: our RoPE uses Hugging Face's rotate-half layout, so q and
+k projections need no permutation.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from transformers import MistralConfig
+
+from pretrain.models.mistral.args import MistralArgs
+
+# (ours, Hugging Face); "{i}" stands for a layer index.
+_NAMES: tuple[tuple[str, str], ...] = (
+    ("tok_embeddings.weight", "model.embed_tokens.weight"),
+    ("layers.{i}.attention.q_proj.weight", "model.layers.{i}.self_attn.q_proj.weight"),
+    ("layers.{i}.attention.k_proj.weight", "model.layers.{i}.self_attn.k_proj.weight"),
+    ("layers.{i}.attention.v_proj.weight", "model.layers.{i}.self_attn.v_proj.weight"),
+    ("layers.{i}.attention.o_proj.weight", "model.layers.{i}.self_attn.o_proj.weight"),
+    ("layers.{i}.feed_forward.gate_proj.weight", "model.layers.{i}.mlp.gate_proj.weight"),
+    ("layers.{i}.feed_forward.up_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
+    ("layers.{i}.feed_forward.down_proj.weight", "model.layers.{i}.mlp.down_proj.weight"),
+    ("layers.{i}.attention_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("layers.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+)
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    return re.compile(re.escape(template).replace(r"\{i\}", r"(\d+)") + "$")
+
+
+def _rename(state_dict: dict[str, Any], source: int, kind: str) -> dict[str, Any]:
+    """Rename every key from column ``source`` of ``_NAMES`` to the other column."""
+    rules = [(_pattern(names[source]), names[1 - source]) for names in _NAMES]
+    renamed: dict[str, Any] = {}
+    unexpected: list[str] = []
+    layers: set[int] = set()
+    for key, tensor in state_dict.items():
+        for pattern, target in rules:
+            match = pattern.match(key)
+            if match:
+                layer = match.group(1) if match.groups() else None
+                if layer is not None:
+                    layers.add(int(layer))
+                    target = target.replace("{i}", layer)
+                renamed[target] = tensor
+                break
+        else:
+            unexpected.append(key)
+    num_layers = max(layers) + 1 if layers else 0
+    expected = {
+        names[source].replace("{i}", str(i))
+        for names in _NAMES
+        for i in (range(num_layers) if "{i}" in names[source] else [0])
+    }
+    missing = sorted(expected - state_dict.keys())
+    if missing or unexpected:
+        problems = []
+        if missing:
+            problems.append(f"missing {_listing(missing)}")
+        if unexpected:
+            problems.append(f"unexpected {_listing(sorted(unexpected))}")
+        raise ValueError(f"not a {kind} Mistral state dict: {'; '.join(problems)}")
+    return renamed
+
+
+def _listing(keys: list[str], shown: int = 8) -> str:
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
+
+
+def to_hf(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Our ``Mistral.state_dict()`` under Hugging Face ``MistralForCausalLM`` names."""
+    return _rename(state_dict, source=0, kind="kinoe")
+
+
+def from_hf(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A Hugging Face ``MistralForCausalLM`` state dict under our names; inverse of ``to_hf``."""
+    return _rename(state_dict, source=1, kind="Hugging Face")
+
+
+def hf_config(args: MistralArgs) -> MistralConfig:
+    """The Hugging Face config describing the same architecture as ``args``."""
+    return MistralConfig(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        num_key_value_heads=args.num_kv_heads,
+        head_dim=args.head_dim,
+        hidden_act="silu",
+        rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
+        rms_norm_eps=args.rms_norm_eps,
+        max_position_embeddings=args.max_seq_len,
+        sliding_window=args.sliding_window,
+        tie_word_embeddings=args.tie_embeddings,
+        initializer_range=args.init_std,
+    )
