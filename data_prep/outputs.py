@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import bisect
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
@@ -115,9 +116,21 @@ def parquet_record(writer: DiskWriter, document: Document) -> dict[str, Any]:
 
 
 class _TallyingWriter:
-    """Mixin for datatrove writers: tally what is written, save the tally when the task ends."""
+    """Mixin for datatrove writers: shards named by task in the documents contract, with a
+    tally of what was written saved when the task ends."""
 
-    def _setup_tally(self, tally_folder: Path, removed_by: str | None) -> None:
+    extension: ClassVar[str]
+    record: ClassVar[Callable[[DiskWriter, Document], dict[str, Any]]]
+
+    def __init__(
+        self, folder: Path, tally_folder: Path, removed_by: str | None = None, max_file_mb: int = -1
+    ):
+        super().__init__(
+            str(folder),
+            output_filename="${rank}" + self.extension,
+            adapter=self.record,
+            max_file_size=max_file_mb * 2**20 if max_file_mb > 0 else -1,
+        )
         self.tally_folder = Path(tally_folder)
         self.removed_by = removed_by
         self._tally = Tally()
@@ -138,33 +151,17 @@ class _TallyingWriter:
 
 
 class TallyingJsonlWriter(_TallyingWriter, JsonlWriter):
-    """JSONL.gz shards named by task, in the documents contract."""
+    """JSONL.gz shards, one per task."""
 
-    def __init__(
-        self, folder: Path, tally_folder: Path, removed_by: str | None = None, max_file_mb: int = -1
-    ):
-        super().__init__(
-            str(folder),
-            output_filename="${rank}.jsonl.gz",
-            adapter=document_record,
-            max_file_size=max_file_mb * 2**20 if max_file_mb > 0 else -1,
-        )
-        self._setup_tally(tally_folder, removed_by)
+    extension = ".jsonl.gz"
+    record = staticmethod(document_record)
 
 
 class TallyingParquetWriter(_TallyingWriter, ParquetWriter):
-    """Parquet shards named by task, in the documents contract."""
+    """Parquet shards, one per task; metadata as a JSON string."""
 
-    def __init__(
-        self, folder: Path, tally_folder: Path, removed_by: str | None = None, max_file_mb: int = -1
-    ):
-        super().__init__(
-            str(folder),
-            output_filename="${rank}.parquet",
-            adapter=parquet_record,
-            max_file_size=max_file_mb * 2**20 if max_file_mb > 0 else -1,
-        )
-        self._setup_tally(tally_folder, removed_by)
+    extension = ".parquet"
+    record = staticmethod(parquet_record)
 
 
 class CountDocuments(PipelineStep):
