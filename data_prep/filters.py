@@ -218,6 +218,15 @@ _TOP_NGRAMS = {2: 0.20, 3: 0.20, 4: 0.20}
 # would remove most of them. These sit at the top of the real distribution; a page made of
 # a few repeated sentences scores above 0.9.
 _DUPLICATE_NGRAMS = {5: 0.60, 7: 0.50, 10: 0.40}
+# Web pages and encyclopedia articles repeat themselves alike; literature differs (below).
+_PROSE_REPETITION = RepetitionRule(
+    max_duplicate_line_fraction=0.30,
+    max_duplicate_line_char_fraction=0.20,
+    max_duplicate_sentence_fraction=0.30,
+    max_top_ngram_char_fraction=_TOP_NGRAMS,
+    max_duplicate_ngram_char_fraction=_DUPLICATE_NGRAMS,
+    ngram_min_chars=200,
+)
 
 PRESETS: dict[str, QualityConfig] = {
     # Strict, for mC4-like web pages; calibrated so that real FineWeb-2 pages pass.
@@ -226,14 +235,7 @@ PRESETS: dict[str, QualityConfig] = {
         characters=CharacterRule(
             min_japanese_fraction=0.50, min_hiragana_fraction=0.15, max_katakana_fraction=0.50
         ),
-        repetition=RepetitionRule(
-            max_duplicate_line_fraction=0.30,
-            max_duplicate_line_char_fraction=0.20,
-            max_duplicate_sentence_fraction=0.30,
-            max_top_ngram_char_fraction=_TOP_NGRAMS,
-            max_duplicate_ngram_char_fraction=_DUPLICATE_NGRAMS,
-            ngram_min_chars=200,
-        ),
+        repetition=_PROSE_REPETITION,
         sentences=SentenceRule(
             min_sentences=3, max_mean_sentence_chars=150, max_sentence_chars=400
         ),
@@ -246,14 +248,7 @@ PRESETS: dict[str, QualityConfig] = {
         characters=CharacterRule(
             min_japanese_fraction=0.40, min_hiragana_fraction=0.05, max_katakana_fraction=0.80
         ),
-        repetition=RepetitionRule(
-            max_duplicate_line_fraction=0.30,
-            max_duplicate_line_char_fraction=0.20,
-            max_duplicate_sentence_fraction=0.30,
-            max_top_ngram_char_fraction=_TOP_NGRAMS,
-            max_duplicate_ngram_char_fraction=_DUPLICATE_NGRAMS,
-            ngram_min_chars=200,
-        ),
+        repetition=_PROSE_REPETITION,
         sentences=SentenceRule(
             min_sentences=1, max_mean_sentence_chars=300, max_sentence_chars=1000
         ),
