@@ -34,6 +34,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "pretrain.convert.cli",
         "convert DeepSpeed checkpoints to verified Hugging Face models, and Hugging Face models back in",
     ),
+    "finetune": (
+        "finetune.cli",
+        "fine-tune a Hugging Face model: jaster instruction data, SFT (full or LoRA) and DPO under DeepSpeed",
+    ),
     "eval": (
         "eval.cli",
         "evaluate a Hugging Face model: JGLUE (log-likelihood or llm-jp-eval generation), bits per character, JA MT-Bench",

@@ -1,6 +1,7 @@
 """DeepSpeed wiring: the process group, the generated DeepSpeed config and the engine.
 
-The DeepSpeed config is generated from ``PretrainConfig`` so that there is one source of
+The DeepSpeed config is generated from the kinoe config (pretraining's, or fine-tuning's,
+which has the same ``train``/``optimizer``/``engine``/``checkpoint`` fields) so that there is one source of
 truth; ``engine.deepspeed`` can override any key (merged last) and the final config is
 written to ``<run dir>/deepspeed.json`` and recorded with the run.
 """
@@ -9,13 +10,22 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from common.errors import KinoeError
-from pretrain.config import PretrainConfig
+from pretrain.config import CheckpointConfig, EngineConfig, OptimizerConfig
+
+
+class TrainingConfig(Protocol):
+    """What the engine reads of a stage config: ``kinoe pretrain``'s and ``kinoe finetune``'s."""
+
+    train: Any  # global_batch_size and micro_batch_size (sequences)
+    optimizer: OptimizerConfig
+    engine: EngineConfig
+    checkpoint: CheckpointConfig
 
 
 @dataclass(frozen=True)
@@ -58,14 +68,14 @@ def init_distributed() -> World:
     )
 
 
-def precision(config: PretrainConfig, device: torch.device) -> str:
+def precision(config: TrainingConfig, device: torch.device) -> str:
     """``bf16`` or ``fp32``: ``auto`` means bf16 on GPUs and fp32 on CPU."""
     if config.engine.precision != "auto":
         return config.engine.precision
     return "bf16" if device.type == "cuda" else "fp32"
 
 
-def accumulation_steps(config: PretrainConfig, world_size: int) -> int:
+def accumulation_steps(config: TrainingConfig, world_size: int) -> int:
     """Micro-batches per rank per step, so that the global batch stays what the config says."""
     per_pass = config.train.micro_batch_size * world_size
     if config.train.global_batch_size % per_pass:
@@ -88,7 +98,7 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def deepspeed_config(config: PretrainConfig, world: World) -> dict[str, Any]:
+def deepspeed_config(config: TrainingConfig, world: World) -> dict[str, Any]:
     """The DeepSpeed JSON config for this run on this world."""
     engine = config.engine
     generated: dict[str, Any] = {
@@ -132,7 +142,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     ]
 
 
-def build_engine(model: nn.Module, config: PretrainConfig, ds_config: dict[str, Any]):
+def build_engine(model: nn.Module, config: TrainingConfig, ds_config: dict[str, Any]):
     """Wrap ``model`` in a DeepSpeed engine with AdamW over the weight-decay groups."""
     import deepspeed
     from deepspeed.checkpoint.constants import (

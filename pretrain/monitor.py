@@ -346,6 +346,19 @@ class Monitor:
         if self._run is not None:
             self._run.log(row, step=last.step)
 
+    def record(self, step: int, title: str, values: dict[str, float]) -> None:
+        """Log figures taken outside the step interval (a held-out evaluation): console and W&B."""
+        if not self.is_main:
+            return
+        self.logger.info(
+            "%s at step %s: %s",
+            title,
+            f"{step:,}",
+            ", ".join(f"{k} {v:.4g}" for k, v in values.items()),
+        )
+        if self._run is not None:
+            self._run.log(values, step=step)
+
     def alert(self, title: str, text: str, level: AlertLevel) -> None:
         """Raise an alert: console, ``<run_dir>/alerts.jsonl`` and W&B; repeats within ALERT_REPEAT_S are dropped."""
         if not self.is_main:

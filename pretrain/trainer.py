@@ -92,11 +92,7 @@ def _train(context: StageContext[PretrainConfig], world: World) -> dict[str, Any
 
     names, sources, eos_id, vocab_size = open_sources(config.data)
     args = config.model.build_args()
-    if vocab_size > args.vocab_size:
-        raise KinoeError(
-            f"the token shards use {vocab_size} ids but the model has vocab_size "
-            f"{args.vocab_size}; set model.overrides.vocab_size to at least {vocab_size}"
-        )
+    check_vocabulary(vocab_size, args)
     order = SampleOrder(
         names,
         [source.num_samples for source in sources],
@@ -107,20 +103,7 @@ def _train(context: StageContext[PretrainConfig], world: World) -> dict[str, Any
     )
     _warn_about_repeats(order, logger, world)
 
-    torch.manual_seed(config.train.seed)
-    model = config.model.model_family.model_type(args)
-    if config.model.init_from is not None:
-        # Continual pretraining: an existing model's weights instead of a random start. On a
-        # resume the checkpoint's weights replace these anyway.
-        from pretrain.convert.initial import load_initial_weights
-
-        load_initial_weights(model, config.model.init_from)
-        if world.is_main:
-            logger.info("initial weights from %s", config.model.init_from)
-    if config.engine.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if config.engine.compile:
-        compile_blocks(model)
+    model = build_model(config, args, world, logger)
     ds_config = deepspeed_config(config, world)
     if world.is_main:
         (context.run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
@@ -144,9 +127,9 @@ def _train(context: StageContext[PretrainConfig], world: World) -> dict[str, Any
         state = loaded
     if world.is_main:
         # Steps after the checkpoint are redone, by however many ranks this run has.
-        _truncate_history(context.run_dir / METRICS_FILE, state.step)
+        truncate_history(context.run_dir / METRICS_FILE, state.step)
         for path in (context.run_dir / SAMPLES_DIR).glob("rank*.jsonl"):
-            _truncate_history(path, state.step)
+            truncate_history(path, state.step)
     dist.barrier()
 
     setup = Setup(
@@ -160,7 +143,7 @@ def _train(context: StageContext[PretrainConfig], world: World) -> dict[str, Any
             config.schedule, config.train.steps, order.phase_start_steps[-1]
         ),
         flops_per_token=args.flops_per_token(config.data.seq_len),
-        loss=compiled_loss(next_token_losses) if config.engine.compile else next_token_losses,
+        loss=loss_function(config),
     )
     monitor = Monitor(
         config.monitor,
@@ -269,12 +252,8 @@ def _run_steps(
         for _ in range(setup.accumulation):
             batch = next(batches).to(world.device)
             positions.extend(batch.position_B.tolist())
-            logits_BTV = engine(batch.input_ids_BT, batch.document_ids_BT)
-            token_loss_BT = setup.loss(logits_BTV, batch.labels_BT)
-            targets_B = (batch.labels_BT != IGNORE).sum(dim=1)
-            loss = token_loss_BT.sum() / targets_B.sum().clamp(min=1)
+            loss, token_loss_BT, targets_B = micro_batch_loss(engine, batch, setup.loss)
             if experts is not None:
-                loss = loss + model.auxiliary_loss()
                 experts.add(model.router_stats())
             if step + 1 in config.drills.nan_at_steps and world.is_main:
                 loss = loss * float("nan")
@@ -314,7 +293,7 @@ def _run_steps(
                 if totals[1, index] > 0
             },
             lr=lr,
-            grad_norm=_grad_norm(engine) if applied else None,
+            grad_norm=grad_norm(engine) if applied else None,
             tokens=int(totals[1].sum().item()),
             step_seconds=time.perf_counter() - started,
             skipped=not applied,
@@ -323,7 +302,7 @@ def _run_steps(
         )
         monitor.on_step(metrics)
         if world.is_main:
-            _append_metrics(run_dir / METRICS_FILE, metrics)
+            append_metrics(run_dir / METRICS_FILE, metrics)
         if config.drills.record_samples:
             path = run_dir / SAMPLES_DIR / f"rank{world.rank:05d}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -341,6 +320,61 @@ def _run_steps(
     return state
 
 
+def check_vocabulary(shard_vocab_size: int, args: Any) -> None:
+    """Refuse token shards whose ids the model's embedding cannot hold."""
+    if shard_vocab_size > args.vocab_size:
+        raise KinoeError(
+            f"the token shards use {shard_vocab_size} ids but the model has vocab_size "
+            f"{args.vocab_size}; set model.overrides.vocab_size to at least {shard_vocab_size}"
+        )
+
+
+def build_model(config: PretrainConfig, args: Any, world: World, logger) -> torch.nn.Module:
+    """The model as training uses it, before DeepSpeed wraps it.
+
+    Seeded random weights or ``model.init_from``'s, then activation checkpointing and
+    compilation applied from outside. ``kinoe preflight`` builds its model here too, so what
+    it measures is what trains.
+    """
+    torch.manual_seed(config.train.seed)
+    model = config.model.model_family.model_type(args)
+    if config.model.init_from is not None:
+        # Continual pretraining: an existing model's weights instead of a random start. On a
+        # resume the checkpoint's weights replace these anyway.
+        from pretrain.convert.initial import load_initial_weights
+
+        load_initial_weights(model, config.model.init_from)
+        if world.is_main:
+            logger.info("initial weights from %s", config.model.init_from)
+    if config.engine.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if config.engine.compile:
+        compile_blocks(model)
+    return model
+
+
+def loss_function(config: PretrainConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``next_token_losses``, compiled when ``engine.compile`` is on."""
+    return compiled_loss(next_token_losses) if config.engine.compile else next_token_losses
+
+
+def micro_batch_loss(
+    engine, batch, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward one micro-batch: the loss to back-propagate, each token's loss (B, T), targets (B,).
+
+    The loss is the mean over target tokens, plus the router losses of a model with experts.
+    """
+    logits_BTV = engine(batch.input_ids_BT, batch.document_ids_BT)
+    token_loss_BT = loss(logits_BTV, batch.labels_BT)
+    targets_B = (batch.labels_BT != IGNORE).sum(dim=1)
+    mean_loss = token_loss_BT.sum() / targets_B.sum().clamp(min=1)
+    model = engine.module
+    if hasattr(model, "auxiliary_loss"):
+        mean_loss = mean_loss + model.auxiliary_loss()
+    return mean_loss, token_loss_BT, targets_B
+
+
 def next_token_losses(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
     """Cross-entropy (nats) of each label under the logits, in float32; 0 where the label is -100."""
     return F.cross_entropy(
@@ -348,7 +382,7 @@ def next_token_losses(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torc
     ).view_as(labels_BT)
 
 
-def _grad_norm(engine) -> float | None:
+def grad_norm(engine) -> float | None:
     norm = engine.get_global_grad_norm()
     if norm is None:
         return None
@@ -356,7 +390,7 @@ def _grad_norm(engine) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _append_metrics(path: Path, metrics: StepMetrics) -> None:
+def append_metrics(path: Path, metrics: StepMetrics) -> None:
     record = {
         "step": metrics.step,
         "phase": metrics.phase,
@@ -367,12 +401,13 @@ def _append_metrics(path: Path, metrics: StepMetrics) -> None:
         "tokens": metrics.tokens,
         "skipped": metrics.skipped,
         "step_seconds": round(metrics.step_seconds, 4),
+        **metrics.extra,  # model- or objective-specific figures (MoE balance, DPO rewards)
     }
     with path.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
 
 
-def _truncate_history(path: Path, step: int) -> None:
+def truncate_history(path: Path, step: int) -> None:
     """Drop records after ``step`` from a per-step JSONL file: a resumed run writes them again."""
     if not path.is_file():
         return

@@ -93,3 +93,45 @@ def pretrain_shards(tmp_path_factory) -> dict:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent (see ../shared/data/SOURCES.md)")
     return build_pretrain_shards(SHARED_DATA, tmp_path_factory.mktemp("pretrain_shards"))
+
+
+@pytest.fixture(scope="session")
+def kinoe_model_dir(pretrain_shards, tmp_path_factory) -> Path:
+    """A tiny Mistral trained by `kinoe pretrain` on the real shards and converted by `kinoe convert`.
+
+    Shared by the eval and finetune tests: a Hugging Face directory with the project's chat
+    template, fp32 weights and room for 1,024 positions.
+    """
+    from test_pretrain_train import launch, run_dir, write_config
+
+    from common.run import run_stage
+    from pretrain.convert.cli import STEPS as CONVERT_STEPS
+    from pretrain.convert.config import ConvertConfig
+    from tokenizer.chat import CHAT_TEMPLATE
+    from tokenizer.hf_export import export_hf_tokenizer
+
+    root = tmp_path_factory.mktemp("kinoe_model")
+    config = write_config(
+        root,
+        pretrain_shards,
+        "tiny",
+        # Room for the 4-shot prompts, which the tiny preset's 256 positions would truncate.
+        model={"preset": "tiny", "overrides": {"max_seq_len": 1024}},
+        train={"steps": 30},
+        checkpoint={"interval": 30},
+    )
+    result = launch(config, 1)
+    assert result.returncode == 0, result.stdout[-3000:]
+    tokenizer = export_hf_tokenizer(
+        pretrain_shards["tokenizer"], root / "hf_tokenizer", CHAT_TEMPLATE
+    )
+    convert = ConvertConfig.model_validate(
+        {
+            "run": {"root": str(root / "runs"), "name": "tiny"},
+            "checkpoint": str(run_dir(config)),
+            "tokenizer": str(tokenizer),
+            "dtype": "fp32",
+            "verify": {"text": str(SHARED_DATA / "corpus" / "wikipedia_ja_leads.jsonl.gz")},
+        }
+    )
+    return run_stage(CONVERT_STEPS["to-hf"], convert).run_dir

@@ -184,43 +184,6 @@ def random_model_dir(tokenizer_dir, tmp_path_factory) -> Path:
     return save(mistral(), tokenizer_dir, tmp_path_factory.mktemp("random_model"))
 
 
-@pytest.fixture(scope="module")
-def kinoe_model_dir(pretrain_shards, tmp_path_factory) -> Path:
-    """A tiny Mistral trained by `kinoe pretrain` on the real shards and converted by `kinoe convert`."""
-    from test_pretrain_train import launch, run_dir, write_config
-
-    from pretrain.convert.cli import STEPS as CONVERT_STEPS
-    from pretrain.convert.config import ConvertConfig
-    from tokenizer.chat import CHAT_TEMPLATE
-    from tokenizer.hf_export import export_hf_tokenizer
-
-    root = tmp_path_factory.mktemp("kinoe_model")
-    config = write_config(
-        root,
-        pretrain_shards,
-        "tiny",
-        # Room for the 4-shot prompts, which the tiny preset's 256 positions would truncate.
-        model={"preset": "tiny", "overrides": {"max_seq_len": 1024}},
-        train={"steps": 30},
-        checkpoint={"interval": 30},
-    )
-    result = launch(config, 1)
-    assert result.returncode == 0, result.stdout[-3000:]
-    tokenizer = export_hf_tokenizer(
-        pretrain_shards["tokenizer"], root / "hf_tokenizer", CHAT_TEMPLATE
-    )
-    convert = ConvertConfig.model_validate(
-        {
-            "run": {"root": str(root / "runs"), "name": "tiny"},
-            "checkpoint": str(run_dir(config)),
-            "tokenizer": str(tokenizer),
-            "dtype": "fp32",
-            "verify": {"text": str(SHARED_DATA / "corpus" / "wikipedia_ja_leads.jsonl.gz")},
-        }
-    )
-    return run_stage(CONVERT_STEPS["to-hf"], convert).run_dir
-
-
 def eval_config(root: Path, name: str, model: Path, **values) -> EvalConfig:
     data = {
         "run": {"root": str(root), "name": name},

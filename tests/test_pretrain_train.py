@@ -57,10 +57,16 @@ def write_config(tmp_path: Path, shards: dict, name: str, **sections) -> Path:
     return path
 
 
-def launch(config: Path, nproc: int, *overrides: str, wait: bool = True):
-    """``torchrun --standalone --nproc_per_node N kinoe pretrain -c config``, as users run it."""
+def launch(
+    config: Path,
+    nproc: int,
+    *overrides: str,
+    wait: bool = True,
+    stage: tuple[str, ...] = ("pretrain",),
+):
+    """``torchrun --standalone --nproc_per_node N kinoe <stage> -c config``, as users run it."""
     command = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", str(KINOE)]
-    command += ["pretrain", "-c", str(config), *overrides]
+    command += [*stage, "-c", str(config), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     process = subprocess.Popen(
         command,

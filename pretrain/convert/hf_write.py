@@ -71,7 +71,7 @@ def tokenizer_facts(tokenizer_dir: Path) -> TokenizerFacts:
         raise KinoeError(
             f"tokenizer = {tokenizer_dir}: transformers cannot load it ({str(error).splitlines()[0]})"
         ) from None
-    turn_end = _turn_end(tokenizer)
+    turn_end = turn_end_token(tokenizer)
     return TokenizerFacts(
         size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
@@ -83,7 +83,7 @@ def tokenizer_facts(tokenizer_dir: Path) -> TokenizerFacts:
     )
 
 
-def _turn_end(tokenizer: Any) -> str | None:
+def turn_end_token(tokenizer: Any) -> str | None:
     """The special token the chat template writes right after a message's content, if any."""
     if not tokenizer.chat_template:
         return None

@@ -142,3 +142,23 @@ def module_source(family: str, model: torch.nn.Module, provenance: dict[str, Any
     if getattr(model.args, "tie_embeddings", False):
         tensors = tie(tensors, "tok_embeddings.weight", "output.weight")
     return Source(family, model.args, tensors, provenance)
+
+
+def load_weights(model: torch.nn.Module, source: Source) -> None:
+    """Copy ``source``'s tensors into ``model`` (built for its args), refusing any that do not fit."""
+    targets = distinct_state(model)
+    missing = sorted(targets.keys() - source.tensors.keys())
+    unexpected = sorted(unique(source.tensors).keys() - targets.keys())
+    misshaped = sorted(
+        name
+        for name in targets.keys() & source.tensors.keys()
+        if tuple(source.tensors[name].shape) != tuple(targets[name].shape)
+    )
+    if missing or unexpected or misshaped:
+        raise KinoeError(
+            f"{source.origin}: the weights do not fit a {source.family} of these args "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, mis-shaped {misshaped[:3]})"
+        )
+    with torch.no_grad():
+        for name, target in targets.items():
+            target.copy_(source.tensors[name].read())

@@ -39,7 +39,7 @@ from torch import nn
 from common.errors import KinoeError
 from common.logs import get_logger
 from pretrain.convert.config import Thresholds, VerifySettings
-from pretrain.convert.sources import Source, distinct_state, inference_args, unique
+from pretrain.convert.sources import Source, inference_args, load_weights
 from pretrain.convert.texts import load_texts
 
 
@@ -72,17 +72,7 @@ def stored_dtypes(hf_dir: Path) -> set[torch.dtype]:
 def build_model(source: Source) -> nn.Module:
     """Our model of ``source``'s architecture with its weights, float32, on CPU, in eval mode."""
     model = source.model_family.model_type(inference_args(source.args))
-    targets = distinct_state(model)
-    missing = sorted(targets.keys() - source.tensors.keys())
-    unexpected = sorted(unique(source.tensors).keys() - targets.keys())
-    if missing or unexpected:
-        raise KinoeError(
-            f"{source.origin}: the weights do not fit a {source.family} of these args "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    with torch.no_grad():
-        for name, target in targets.items():
-            target.copy_(source.tensors[name].read())
+    load_weights(model, source)
     return model.eval()
 
 
