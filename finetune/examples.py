@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import KinoeError
-from tokenizer.conversations import CONVERSATION_SUFFIXES, rejection
+from tokenizer.chat import CONVERSATION_SUFFIXES, NOT_JSON, rejection
 
-NOT_JSON = "not_json"
 UNKNOWN_SHAPE = "unknown_shape"
 EMPTY_TEXT = "empty_text"
 CHAT_TOKEN_IN_TEXT = "chat_token_in_text"

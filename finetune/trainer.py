@@ -127,6 +127,11 @@ def _finetune(
     flag = PreemptionFlag()
 
     source = open_model_source(model_config)
+    if data_config.max_length > source.args.max_seq_len:
+        raise KinoeError(
+            f"data.max_length {data_config.max_length} exceeds the model's max_seq_len "
+            f"{source.args.max_seq_len} ({model_config.path}/config.json); lower data.max_length"
+        )
     data = _load_data(config, objective, run_dir, world, logger)
     model = build_model(source, model_config, train_config.seed, logger)
     counts = parameter_counts(model)

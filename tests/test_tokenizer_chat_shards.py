@@ -16,10 +16,10 @@ from common.errors import ConfigError, KinoeError
 from common.manifest import Manifest, read_manifest, write_manifest
 from common.run import load_stage_config, run_stage
 from data_prep.normalise import normalise_preset, normalise_text
-from tokenizer.chat import TURN_END, TURN_START
+from tokenizer.chat import TURN_END, TURN_START, rejection
 from tokenizer.cli import STEPS, hf_path, model_path, shards_path, step_dir
 from tokenizer.config import TokenizerConfig
-from tokenizer.conversations import rejection, render_conversation
+from tokenizer.conversations import render_conversation
 from tokenizer.indexed import open_shard_set, tokenizer_sha256
 
 from conftest import SHARED_DATA

@@ -18,7 +18,7 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import orjson
 from datatrove.data import Document, DocumentsPipeline
@@ -26,23 +26,9 @@ from datatrove.io import get_datafolder
 from datatrove.pipeline.readers.base import BaseDiskReader
 
 from common.errors import KinoeError
-from tokenizer.chat import CHAT_TEMPLATE, CHAT_TOKENS
+from tokenizer.chat import CHAT_TEMPLATE, CONVERSATION_SUFFIXES, NOT_JSON, rejection
 
-ROLES = ("system", "user", "assistant")
-CONVERSATION_SUFFIXES = (".jsonl", ".jsonl.gz")
 TASK_ACCOUNT = re.compile(r"^(\d+)\.json$")
-
-# Why a line is not encoded; one reason per line, the first problem found.
-NOT_JSON = "not_json"
-NO_MESSAGES = "no_messages"
-BAD_MESSAGE = "bad_message"
-BAD_ROLE = "bad_role"
-SYSTEM_NOT_FIRST = "system_not_first"
-BAD_CONTENT = "bad_content"
-EMPTY_CONTENT = "empty_content"
-CHAT_TOKEN_IN_CONTENT = "chat_token_in_content"
-NO_USER_TURN = "no_user_turn"
-NO_ASSISTANT_TURN = "no_assistant_turn"
 
 
 @functools.cache
@@ -60,38 +46,6 @@ def _template():
 def render_conversation(messages: list[dict[str, str]]) -> str:
     """The conversation as text, as transformers' ``apply_chat_template(tokenize=False)`` gives it."""
     return _template().render(messages=messages, add_generation_prompt=False)
-
-
-def rejection(record: Any) -> tuple[str, str] | None:
-    """Why ``record`` cannot be encoded as a conversation, as (reason, detail); None if it can."""
-    messages = record.get("messages") if isinstance(record, dict) else None
-    if not isinstance(messages, list) or not messages:
-        return NO_MESSAGES, "expected an object whose 'messages' is a non-empty list"
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            return BAD_MESSAGE, f"message {index} is not an object"
-        role, content = message.get("role"), message.get("content")
-        if not isinstance(role, str) or role not in ROLES:
-            return (
-                BAD_ROLE,
-                f"message {index} has role {role!r}; expected one of {', '.join(ROLES)}",
-            )
-        if role == "system" and index > 0:
-            return SYSTEM_NOT_FIRST, f"message {index} is a system message; only the first may be"
-        if not isinstance(content, str):
-            return BAD_CONTENT, f"message {index} has content of type {type(content).__name__}"
-        if not content.strip():
-            return EMPTY_CONTENT, f"message {index} has empty content"
-        # A literal turn token would encode to the real token id and forge a turn boundary.
-        forged = sorted((content.find(token), token) for token in CHAT_TOKENS if token in content)
-        if forged:
-            return CHAT_TOKEN_IN_CONTENT, f"message {index} contains {forged[0][1]}"
-    roles = {message["role"] for message in messages}
-    if "user" not in roles:
-        return NO_USER_TURN, "no user message"
-    if "assistant" not in roles:
-        return NO_ASSISTANT_TURN, "no assistant message"
-    return None
 
 
 def conversation_files(path: str | Path) -> tuple[str, list[str]]:
