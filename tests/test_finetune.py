@@ -8,6 +8,9 @@ questions from ../shared/data, as jaster-style examples.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -410,15 +413,33 @@ def test_dpo_raises_the_chosen_over_rejected_margin(kinoe_model_dir, tmp_path):
         dpo={"beta": 0.5},
         monitor={"log_interval": 2, "wandb": {"enabled": True, "mode": "offline"}},
     )
+    # Stopped by SIGTERM (as SLURM stops a job) after a few steps, then resumed to the end:
+    # the resumed run must use the saved reference log-probabilities, not its trained weights.
+    run = finetune_run(config, "dpo")
+    process = launch(config, 1, stage=("finetune", "dpo"), wait=False)
+    deadline = time.monotonic() + 300
+    while (
+        not (run / "metrics.jsonl").is_file()
+        or len((run / "metrics.jsonl").read_text().splitlines()) < 3
+    ):
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()[-3000:]
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0, output[-3000:]  # torchrun reports a worker that exited 75
+    assert json.loads((run / "manifest.json").read_text())["status"] == "stopped"
+    reference = (run / "reference_logps.pt").read_bytes()
     result = launch(config, 1, stage=("finetune", "dpo"))
     assert result.returncode == 0, result.stdout[-4000:]
+    assert "resumed from" in result.stdout
+    assert (run / "reference_logps.pt").read_bytes() == reference
 
-    run = finetune_run(config, "dpo")
     summary = json.loads((run / "manifest.json").read_text())["summary"]
     assert summary["data"]["train"]["rejected"] == {"unknown_shape": 1}
     # Before the first update the policy is the reference: every margin is zero. The training
     # figures are taken on the pairs the step trains on, before its update.
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in steps] == list(range(1, len(steps) + 1))
     assert abs(steps[0]["reward_margin"]) < 1e-4 and steps[0]["loss"] == pytest.approx(
         0.6931, abs=1e-3
     )
@@ -429,10 +450,11 @@ def test_dpo_raises_the_chosen_over_rejected_margin(kinoe_model_dir, tmp_path):
         -1
     ].keys()
     assert (run / "reference_logps.pt").is_file()
-    # The same W&B integration as pretraining: train/ and eval/ figures in the run's history.
-    [records] = offline_runs(run)
+    # The same W&B integration as pretraining (an offline run per launch, one run id): the
+    # train/ and eval/ figures in the history.
     keys = {
         item.key or "/".join(item.nested_key)
+        for records in offline_runs(run)
         for row in records_of(records, "history")
         for item in row.item
     }
