@@ -75,7 +75,15 @@ def run_variant(name: str, args: argparse.Namespace, model_dir: Path, root: Path
         "engine": {"zero_stage": args.zero_stage, "compile": args.compile},
         "checkpoint": {"interval": 100_000},
         "monitor": {"log_interval": 5},
-        "output": {"verify": {"documents": 2, "greedy_tokens": 4}},
+        # The model starts random and trains for a few dozen steps: its logits are nearly tied,
+        # so bf16 rounding flips many argmaxes. The exact (fp32) check still has to pass.
+        "output": {
+            "verify": {
+                "documents": 2,
+                "greedy_tokens": 4,
+                "bf16": {"max_abs": 2.0, "mean_abs": 0.2, "argmax_agreement": 0.8},
+            }
+        },
     }
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, allow_unicode=True))
@@ -117,8 +125,12 @@ def run_variant(name: str, args: argparse.Namespace, model_dir: Path, root: Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="mistral_1b")
-    parser.add_argument("--tokenizer", type=Path, required=True, help="HF tokenizer dir with chat template")
-    parser.add_argument("--sft", type=Path, required=True, help="SFT JSONL (messages or prompt/completion)")
+    parser.add_argument(
+        "--tokenizer", type=Path, required=True, help="HF tokenizer dir with chat template"
+    )
+    parser.add_argument(
+        "--sft", type=Path, required=True, help="SFT JSONL (messages or prompt/completion)"
+    )
     parser.add_argument("--pairs", type=Path, help="DPO JSONL (prompt/chosen/rejected)")
     parser.add_argument("--variants", default="full,lora,dpo")
     parser.add_argument("--max-length", type=int, default=2048)
