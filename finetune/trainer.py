@@ -10,6 +10,7 @@ pretraining run. Every rank runs this; rank 0 alone writes files.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -299,16 +300,16 @@ class _Loop:
 
     def __init__(
         self,
-        config,
-        objective,
-        world,
-        engine,
-        data,
-        accumulation,
-        monitor,
-        run_dir,
-        flag,
-        checkpointer,
+        config: FinetuneConfig,
+        objective: Objective,
+        world: World,
+        engine: Any,
+        data: Data,
+        accumulation: int,
+        monitor: Monitor,
+        run_dir: Path,
+        flag: PreemptionFlag,
+        checkpointer: Checkpointer,
     ):
         self.config, self.objective, self.world, self.engine = config, objective, world, engine
         self.data, self.accumulation, self.monitor = data, accumulation, monitor
@@ -485,7 +486,13 @@ def _equal_shares(
 
 
 def _reference_logps(
-    config, data: Data, engine, world: World, run_dir: Path, resume_step, logger
+    config: FinetuneConfig,
+    data: Data,
+    engine: Any,
+    world: World,
+    run_dir: Path,
+    resume_step: int | None,
+    logger: logging.Logger,
 ) -> torch.Tensor:
     """Log-probabilities (units, 2) of each pair's chosen and rejected answer under the reference.
 
