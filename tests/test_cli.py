@@ -22,6 +22,7 @@ def test_every_listed_command_has_help(kinoe):
         "tokenizer": ("train", "export", "report", "encode"),
         "convert": ("to-hf", "verify", "from-hf"),
         "eval": ("run", "mt-bench", "judge"),
+        "finetune": ("jaster", "sft", "dpo"),
     }
     for name in COMMANDS:
         for step in steps.get(name, ("",)):
