@@ -42,6 +42,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "eval.cli",
         "evaluate a Hugging Face model: JGLUE (log-likelihood or llm-jp-eval generation), bits per character, JA MT-Bench",
     ),
+    "preflight": (
+        "launch.preflight",
+        "GO or NO-GO for a pretrain config on this hardware: memory, step time, projected time, disk, placement",
+    ),
     "doctor": (
         "launch.doctor",
         "check Python, torch/CUDA/NCCL, GPUs, DeepSpeed ops, packages, W&B login and disk",
