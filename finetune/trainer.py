@@ -52,14 +52,14 @@ from pretrain.engine import (
     init_distributed,
 )
 from pretrain.monitor import Monitor, StepMetrics
-from pretrain.parallelize import apply_activation_checkpointing, compile_blocks
+from pretrain.parallelize import parallelize
 from pretrain.schedule import decay_start_step, learning_rate
 from pretrain.trainer import (
     METRICS_FILE,
     PreemptionFlag,
     append_metrics,
     grad_norm,
-    next_token_losses,
+    loss_function,
     truncate_history,
 )
 
@@ -136,10 +136,7 @@ def _finetune(
     data = _load_data(config, objective, run_dir, world, logger)
     model = build_model(source, model_config, train_config.seed, logger)
     counts = parameter_counts(model)
-    if config.engine.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if config.engine.compile:
-        compile_blocks(model)
+    parallelize(model, config.engine)
     ds_config = deepspeed_config(config, world)
     if world.is_main:
         (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
@@ -315,6 +312,7 @@ class _Loop:
         self.data, self.accumulation, self.monitor = data, accumulation, monitor
         self.run_dir, self.flag, self.checkpointer = run_dir, flag, checkpointer
         _, self.data_config, self.train_config = config.training()
+        self.loss = loss_function(config)
         # Padding positions are a document of their own with no targets: their ids never matter.
         self.pad_id = 0
         self.names = SFT_SUMS if objective == "sft" else DPO_SUMS
@@ -326,7 +324,7 @@ class _Loop:
     ) -> torch.Tensor:
         """The summed loss of ``batch`` (token losses for SFT, pair losses for DPO); adds its figures to ``sums``."""
         logits_BTV = self.engine(batch.input_ids_BT, batch.document_ids_BT)
-        token_loss_BT = next_token_losses(logits_BTV, batch.labels_BT)
+        token_loss_BT = self.loss(logits_BTV, batch.labels_BT)
         trained_BT = batch.labels_BT != IGNORE
         tokens = int((batch.segment_BT >= 0).sum())
         if self.objective == "sft":
@@ -523,6 +521,7 @@ def _reference_logps(
         scorer = build(other, ModelConfig(path=config.dpo.reference), 0, logger).to(world.device)
         scorer = scorer.to(next(engine.module.parameters()).dtype)
     scorer.eval()
+    loss = loss_function(config)
     started = time.perf_counter()
     with torch.no_grad():
         shares = evaluation_batches(
@@ -537,7 +536,7 @@ def _reference_logps(
         for micro in _equal_shares(shares, world):
             batch = collate(units, micro, data_config.max_length, 0).to(world.device)
             logits_BTV = scorer(batch.input_ids_BT, batch.document_ids_BT)
-            token_loss_BT = next_token_losses(logits_BTV, batch.labels_BT)
+            token_loss_BT = loss(logits_BTV, batch.labels_BT)
             trained_BT = batch.labels_BT != IGNORE
             logps_S = torch.zeros(batch.segments, dtype=torch.float64, device=world.device)
             logps_S = logps_S.index_add(

@@ -15,6 +15,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     checkpoint_wrapper,
 )
 
+from pretrain.config import EngineConfig
+
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each block's activations in the backward pass instead of storing them.
@@ -42,3 +44,11 @@ def compile_blocks(model: nn.Module) -> None:
     for block in model.layers:
         # In place (nn.Module.compile), so parameter names keep no "_orig_mod." prefix.
         block.compile()
+
+
+def parallelize(model: nn.Module, engine: EngineConfig) -> None:
+    """Apply what ``engine`` asks for from outside the architecture: checkpointing, then compilation."""
+    if engine.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if engine.compile:
+        compile_blocks(model)

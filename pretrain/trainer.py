@@ -27,6 +27,7 @@ from pretrain.checkpoint import Checkpointer, TrainerState
 from pretrain.config import PretrainConfig
 from pretrain.data import SampleOrder, build_loader, open_sources
 from pretrain.engine import (
+    TrainingConfig,
     World,
     accumulation_steps,
     build_engine,
@@ -35,7 +36,7 @@ from pretrain.engine import (
 )
 from pretrain.expert_load import CONSOLE_KEYS, ExpertLoadTracker
 from pretrain.monitor import Monitor, StepMetrics
-from pretrain.parallelize import apply_activation_checkpointing, compile_blocks, compiled_loss
+from pretrain.parallelize import compiled_loss, parallelize
 from pretrain.schedule import decay_start_step, learning_rate
 
 METRICS_FILE = "metrics.jsonl"
@@ -346,14 +347,11 @@ def build_model(config: PretrainConfig, args: Any, world: World, logger) -> torc
         load_initial_weights(model, config.model.init_from)
         if world.is_main:
             logger.info("initial weights from %s", config.model.init_from)
-    if config.engine.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if config.engine.compile:
-        compile_blocks(model)
+    parallelize(model, config.engine)
     return model
 
 
-def loss_function(config: PretrainConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def loss_function(config: TrainingConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``next_token_losses``, compiled when ``engine.compile`` is on."""
     return compiled_loss(next_token_losses) if config.engine.compile else next_token_losses
 
