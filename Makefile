@@ -24,25 +24,14 @@ lint: $(INSTALLED)
 test: lint
 	$(PY) -m pytest -q
 
-# Runs every stage that exists, on the bundled corpus, on CPU, and says where the results are.
-# Each stage's config under configs/*/quickstart.yaml writes under runs/quickstart.
-QS := runs/quickstart
+# Runs every stage on the bundled corpus, on CPU (configs/pipeline/quickstart.yaml: each step's
+# config writes under runs/quickstart), and ends by printing where each artifact and report is.
+# The evaluation and jaster steps read real JGLUE from ../shared/data when it is there, else
+# the bundled sample in JGLUE's format (data_prep/quickstart/eval/).
+JGLUE := $(wildcard ../shared/data/eval/jglue)
 quickstart: $(INSTALLED)
 	$(VENV)/bin/kinoe doctor -c configs/doctor/workstation.yaml
-	$(VENV)/bin/kinoe data -c configs/data/quickstart.yaml
-	$(VENV)/bin/kinoe tokenizer train -c configs/tokenizer/quickstart.yaml
-	$(VENV)/bin/kinoe tokenizer export -c configs/tokenizer/quickstart.yaml
-	$(VENV)/bin/kinoe tokenizer report -c configs/tokenizer/quickstart.yaml
-	$(VENV)/bin/kinoe tokenizer encode -c configs/tokenizer/quickstart.yaml
-	$(VENV)/bin/kinoe pretrain -c configs/pretrain/quickstart.yaml
-	$(VENV)/bin/kinoe convert to-hf -c configs/convert/quickstart.yaml
-	@echo "quickstart done:"
-	@echo "  documents        $(QS)/data/quickstart/documents  (funnel: $(QS)/data/quickstart/report/report.md)"
-	@echo "  tokenizer        $(QS)/tokenizer/quickstart/train/tokenizer.model, Hugging Face: $(QS)/tokenizer/quickstart/export/hf"
-	@echo "  tokenizer report $(QS)/tokenizer/quickstart/report/report.md"
-	@echo "  token shards     $(QS)/tokenizer/quickstart/encode/shards/<source>/"
-	@echo "  pretraining      $(QS)/pretrain/quickstart/checkpoints/latest  (per-step metrics: $(QS)/pretrain/quickstart/metrics.jsonl)"
-	@echo "  Hugging Face     $(QS)/convert/quickstart/to-hf  (verification figures in its manifest.json)"
+	$(VENV)/bin/kinoe pipeline -c configs/pipeline/quickstart.yaml $(if $(JGLUE),variables.jglue_dir=$(JGLUE))
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -276,6 +276,47 @@ def run_stage(
         return StageResult("complete", run_dir, manifest)
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What ``run_stage`` would do with a stage now: run it, skip it (complete), or refuse it."""
+
+    action: Literal["run", "skip", "refuse"]
+    reason: str
+    missing_input: bool = False
+
+
+def decide(stage: Stage[C], config: C, hash_inputs: bool = True) -> Decision:
+    """The decision ``run_stage`` makes before running a body, without running anything.
+
+    ``hash_inputs=False`` compares the config alone (a run of another config is refused
+    whatever the inputs are), for plans made before earlier steps have written their outputs.
+    """
+    run_dir = run_directory(stage.name, config, stage.step)
+    previous = read_manifest(run_dir)
+    deciding = stage.fingerprinted(config)
+    if not hash_inputs:
+        if (
+            previous is None
+            or {key: value for key, value in previous.config.items() if key in deciding} == deciding
+        ):
+            return Decision("run", "no run yet" if previous is None else "same config")
+        message = _mismatch_message(stage.label, run_dir, previous, deciding, previous.inputs)
+        return Decision("refuse", message)
+    try:
+        inputs = _resolve_inputs(stage, config)
+    except KinoeError as error:
+        return Decision("run", str(error), missing_input=True)
+    if previous is None:
+        return Decision("run", "no run yet")
+    records = _hash_inputs(inputs, previous)
+    if previous.fingerprint != _fingerprint(deciding, records):
+        message = _mismatch_message(stage.label, run_dir, previous, deciding, records)
+        return Decision("refuse", message)
+    if previous.status == "complete":
+        return Decision("skip", "complete")
+    return Decision("run", f"its run is {previous.status}")
+
+
 def _resolve_inputs(stage: Stage[C], config: C) -> dict[str, Path]:
     inputs = {key: Path(path) for key, path in stage.inputs(config).items()}
     for key, path in inputs.items():

@@ -177,9 +177,21 @@ class DataConfig(StageConfig):
         return sources
 
     def local_inputs(self) -> dict[str, Path]:
-        """Each local source's path by config key, for hashing into the manifest."""
-        return {
-            f"sources.{index}.path": Path(source.path)
-            for index, source in enumerate(self.sources)
-            if source.is_local()
-        }
+        """Each local source's files by config key, for hashing into the manifest.
+
+        Only the files the source reads (its glob under its folder), so a README or another
+        source's files beside them do not change this run's fingerprint; a folder the glob
+        matches nothing in is listed whole, and reported by the reader.
+        """
+        inputs: dict[str, Path] = {}
+        for index, source in enumerate(self.sources):
+            if not source.is_local():
+                continue
+            key, folder, pattern = f"sources.{index}.path", Path(source.path), source.file_glob()
+            matched = folder.glob(pattern) if pattern and folder.is_dir() else []
+            files = sorted(p for p in matched if p.is_file())
+            for file in files:
+                inputs[f"{key}/{file.relative_to(folder).as_posix()}"] = file
+            if not files:
+                inputs[key] = folder
+        return inputs

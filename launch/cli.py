@@ -42,6 +42,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "eval.cli",
         "evaluate a Hugging Face model: JGLUE (log-likelihood or llm-jp-eval generation), bits per character, JA MT-Bench",
     ),
+    "pipeline": (
+        "launch.pipeline",
+        "run every stage in order here, or submit them as dependent SLURM jobs; complete steps are skipped",
+    ),
     "preflight": (
         "launch.preflight",
         "GO or NO-GO for a pretrain config on this hardware: memory, step time, projected time, disk, placement",

@@ -392,3 +392,26 @@ def test_parquet_output_follows_the_contract_and_feeds_the_tokenizer(tmp_path):
         tmp_path / "held_out.jsonl",
     )
     assert sum(stats.characters.values()) >= 10_000 and stats.documents["web"] > 0
+
+
+def test_inputs_are_the_files_a_source_reads_not_its_whole_folder(tmp_path):
+    """A README or another source's files beside the data do not change the run's fingerprint."""
+    (tmp_path / "web.jsonl").write_text('{"text": "本文"}\n', encoding="utf-8")
+    (tmp_path / "nested").mkdir()
+    (tmp_path / "nested" / "more.jsonl.gz").write_bytes(b"")
+    (tmp_path / "README.md").write_text("about the data\n", encoding="utf-8")
+    config = DataConfig.model_validate(
+        {
+            "sources": [
+                {"name": "web", "kind": "jsonl", "path": str(tmp_path), "glob": "web.jsonl"},
+                {"name": "all", "kind": "jsonl", "path": str(tmp_path)},
+                {"name": "none", "kind": "jsonl", "path": str(tmp_path), "glob": "*.parquet"},
+            ]
+        }
+    )
+    assert config.local_inputs() == {
+        "sources.0.path/web.jsonl": tmp_path / "web.jsonl",
+        "sources.1.path/nested/more.jsonl.gz": tmp_path / "nested" / "more.jsonl.gz",
+        "sources.1.path/web.jsonl": tmp_path / "web.jsonl",
+        "sources.2.path": tmp_path,
+    }
