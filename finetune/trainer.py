@@ -51,6 +51,7 @@ from pretrain.engine import (
     deepspeed_config,
     init_distributed,
 )
+from pretrain.expert_load import CONSOLE_KEYS, ExpertLoadTracker
 from pretrain.monitor import Monitor, StepMetrics
 from pretrain.parallelize import parallelize
 from pretrain.schedule import decay_start_step, learning_rate
@@ -176,6 +177,7 @@ def _finetune(
         flops_per_token=args.flops_per_token(data_config.max_length),
         device=world.device,
         logger=logger,
+        console_extra=CONSOLE_KEYS if hasattr(model, "router_stats") else (),
     )
     if world.is_main:
         logger.info(
@@ -313,6 +315,12 @@ class _Loop:
         self.run_dir, self.flag, self.checkpointer = run_dir, flag, checkpointer
         _, self.data_config, self.train_config = config.training()
         self.loss = loss_function(config)
+        # Models with experts add their router losses and report their balance, as in pretraining.
+        self.experts = (
+            ExpertLoadTracker(config.monitor.experts, config.monitor.log_interval, monitor.alert)
+            if hasattr(engine.module, "router_stats")
+            else None
+        )
         # Padding positions are a document of their own with no targets: their ids never matter.
         self.pad_id = 0
         self.names = SFT_SUMS if objective == "sft" else DPO_SUMS
@@ -397,15 +405,18 @@ class _Loop:
                     world.device
                 )
                 loss = self._losses(batch, units, 0, sums) * scale
-                if hasattr(engine.module, "auxiliary_loss"):
+                if self.experts is not None:
                     # Mixtral: the router's balance losses, a mean per micro-batch as in pretraining.
                     loss = loss + engine.module.auxiliary_loss()
+                    self.experts.add(engine.module.router_stats())
                 engine.backward(loss)
                 engine.step()
             stop = 1.0 if self.flag.received else 0.0
             reduced = sums.reduce(world.device, [stop])
             stop_requested = reduced[-1] > 0
             figures = self._figures(sums, reduced)
+            if self.experts is not None:
+                figures.update(self.experts.step_metrics(state.step + 1, world.device))
             applied = engine.was_step_applied()
             state.step += 1
             state.consumed_samples += len([s for s in sequences if s])

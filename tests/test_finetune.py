@@ -464,3 +464,51 @@ def test_dpo_raises_the_chosen_over_rejected_margin(kinoe_model_dir, tmp_path):
         "eval/reward_margin",
         "train/loss",
     } <= keys
+
+
+@pytest.mark.slow
+def test_mixtral_lora_reports_expert_balance_and_merges(kinoe_model_dir, tmp_path):
+    from safetensors.torch import load_file
+    from test_pretrain_train import launch
+
+    from pretrain.convert.hf_write import write_hf_directory
+    from pretrain.convert.sources import module_source
+    from pretrain.models import FAMILIES
+
+    family = FAMILIES["mixtral"]
+    args = family.presets["mixtral_tiny"]()
+    args = type(args).model_validate({**args.model_dump(), "max_seq_len": 512})
+    torch.manual_seed(0)
+    model_dir = tmp_path / "mixtral"
+    write_hf_directory(
+        module_source("mixtral", family.model_type(args), {"kind": "test"}),
+        model_dir,
+        "fp32",
+        kinoe_model_dir,
+        10**9,
+    )
+    _, dev = llm_jp_eval_train_dev(JCQA, JGLUE, 42)
+    data = write_jsonl(tmp_path / "jcqa.jsonl", jaster_jcqa(dev[:16]))
+    config = write_finetune_config(
+        tmp_path,
+        "mixtral",
+        model_dir,
+        [data],
+        model={"lora": {"enabled": True, "rank": 4, "alpha": 8}},
+        train={"epochs": 1},
+        monitor={"log_interval": 1},
+    )
+    result = launch(config, 1, stage=("finetune", "sft"))
+    assert result.returncode == 0, result.stdout[-4000:]
+    # The experts are stacked tensors, not linear layers: LoRA adapts attention only, and says so.
+    assert "down_proj, gate_proj, up_proj are not linear layers" in result.stdout
+
+    run = finetune_run(config, "sft")
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(step["moe/aux_loss"] > 0 and "moe/load_cv" in step for step in steps)
+    base, tuned = (
+        load_file(model_dir / "model.safetensors"),
+        load_file(run / "model" / "model.safetensors"),
+    )
+    changed = {name for name in base if not torch.equal(base[name], tuned[name])}
+    assert changed and all("self_attn" in name for name in changed), sorted(changed)[:4]
