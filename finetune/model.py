@@ -104,8 +104,9 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
 
 def gather_weights(
     engine: Any, source: Source, lora: LoraConfig, is_main: bool
-) -> dict[str, torch.Tensor]:
-    """The trained weights under kinoe's names, float32 on CPU, on the main rank (empty elsewhere).
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The trained weights under kinoe's names, float32 on CPU, on the main rank (empty elsewhere),
+    and with LoRA the adapters by module name: (A (r, in), B (out, r)).
 
     Every rank must call this: trained parameters come from DeepSpeed's float32 master copies,
     gathered across ranks for any ZeRO stage. LoRA: the frozen weights are the starting model's
@@ -123,20 +124,62 @@ def gather_weights(
         if is_main:
             trained[raw_name.replace(_WRAPPER, "")] = full.detach().float().cpu()
     if not is_main:
-        return {}
+        return {}, {}
     if not lora.enabled:
-        return trained
+        return trained, {}
     scale = lora.alpha / lora.rank
+    adapters = {
+        name.removesuffix(_LORA_A): (trained[name], trained[name.removesuffix(_LORA_A) + _LORA_B])
+        for name in trained
+        if name.endswith(_LORA_A)
+    }
     weights: dict[str, torch.Tensor] = {}
-    adapted = {name.removesuffix(_LORA_A) for name in trained if name.endswith(_LORA_A)}
     for name, ref in source.tensors.items():
         module = name.removesuffix(".weight")
         weight = ref.read().float()
-        if module in adapted:
-            down, up = trained[module + _LORA_A], trained[module + _LORA_B]
+        if module in adapters:
+            down, up = adapters[module]
             weight = weight + scale * (up @ down)
         weights[name] = weight
-    return weights
+    return weights, adapters
+
+
+def write_adapter(
+    adapters: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    source: Source,
+    lora: LoraConfig,
+    base: Path,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """The LoRA adapters as a peft adapter directory for the Hugging Face model at ``base``.
+
+    ``PeftModel.from_pretrained(<base model>, out_dir)`` loads it (e.g. to serve several
+    adapters over one base); the merged model directory needs no peft.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from safetensors.torch import save_file
+
+    # The family's adapter renames every tensor; a module's Hugging Face name is its weight's.
+    renamed = source.model_family.to_hf(source.tensors)
+    hf_name = {id(ref): name for name, ref in renamed.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    targets: set[str] = set()
+    for module, (down, up) in sorted(adapters.items()):
+        hf_module = hf_name[id(source.tensors[module + ".weight"])].removesuffix(".weight")
+        targets.add(hf_module.rsplit(".", 1)[-1])
+        tensors[f"base_model.model.{hf_module}.lora_A.weight"] = down.contiguous()
+        tensors[f"base_model.model.{hf_module}.lora_B.weight"] = up.contiguous()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+    PeftLoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=sorted(targets),
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=str(base),
+    ).save_pretrained(str(out_dir))
+    return {"adapter": str(out_dir), "adapter_modules": len(adapters)}
 
 
 def trained_source(

@@ -32,6 +32,7 @@ from finetune.model import (
     open_model_source,
     parameter_counts,
     trained_source,
+    write_adapter,
 )
 from finetune.packing import (
     IGNORE,
@@ -69,6 +70,7 @@ EVAL_FILE = "eval.jsonl"
 REFERENCE_FILE = "reference_logps.pt"
 REJECTED_FILE = "rejected.jsonl"
 MODEL_DIR = "model"
+ADAPTER_DIR = "adapter"
 
 
 @dataclass
@@ -213,7 +215,7 @@ def _finetune(
         monitor.on_end("failed", {"error": f"{type(error).__name__}: {error}".splitlines()[0]})
         raise
 
-    weights = gather_weights(engine, source, model_config.lora, world.is_main)
+    weights, adapters = gather_weights(engine, source, model_config.lora, world.is_main)
     summary: dict[str, Any] = {
         "objective": objective,
         "steps": state.step,
@@ -228,6 +230,12 @@ def _finetune(
     }
     if world.is_main:
         summary.update(_write_output(config, source, weights, run_dir, logger))
+        if adapters:
+            summary.update(
+                write_adapter(
+                    adapters, source, model_config.lora, model_config.path, run_dir / ADAPTER_DIR
+                )
+            )
     monitor.on_end("complete", {k: summary[k] for k in ("steps", "tokens")})
     return summary
 

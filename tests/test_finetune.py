@@ -375,6 +375,18 @@ def test_lora_under_zero3_saves_a_loadable_merged_model(kinoe_model_dir, tmp_pat
     assert type(model).__name__ == "MistralForCausalLM"
     assert summary["verification"]["passed"] is True
 
+    # The adapters alone, as peft writes them: on the starting model they give the merged weights.
+    from peft import PeftModel
+
+    assert (
+        summary["adapter"] == str(run / "adapter") and summary["adapter_modules"] == 2 * 3
+    )  # 2 layers x q, v, down
+    starting = AutoModelForCausalLM.from_pretrained(str(kinoe_model_dir), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(starting, str(run / "adapter")).merge_and_unload()
+    merged_state = merged.state_dict()
+    for name, tensor in tuned.items():
+        torch.testing.assert_close(merged_state[name], tensor, rtol=0, atol=1e-6, msg=name)
+
 
 @pytest.mark.slow
 def test_dpo_raises_the_chosen_over_rejected_margin(kinoe_model_dir, tmp_path):
