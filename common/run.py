@@ -211,18 +211,16 @@ def run_stage(
         input_records = _hash_inputs(inputs, previous)
         deciding = stage.fingerprinted(config)
         fingerprint = _fingerprint(deciding, input_records)
-        if previous is not None and not force:
-            if previous.fingerprint != fingerprint:
-                raise KinoeError(
-                    _mismatch_message(label, run_dir, previous, deciding, input_records)
-                )
-            if previous.status == "complete":
-                logger.info(
-                    "%s: skipped, %s is complete for this config and these inputs (--force redoes it)",
-                    label,
-                    run_dir,
-                )
-                return StageResult("skipped", run_dir, previous)
+        decision = _judge(stage, run_dir, previous, deciding, input_records)
+        if decision.action == "refuse" and not force:
+            raise KinoeError(decision.reason)
+        if decision.action == "skip" and not force:
+            logger.info(
+                "%s: skipped, %s is complete for this config and these inputs (--force redoes it)",
+                label,
+                run_dir,
+            )
+            return StageResult("skipped", run_dir, previous)
         stage.precheck(config)
         if force and main and previous is not None:
             _clear(run_dir)
@@ -306,9 +304,19 @@ def decide(stage: Stage[C], config: C, hash_inputs: bool = True) -> Decision:
         inputs = _resolve_inputs(stage, config)
     except KinoeError as error:
         return Decision("run", str(error), missing_input=True)
+    return _judge(stage, run_dir, previous, deciding, _hash_inputs(inputs, previous))
+
+
+def _judge(
+    stage: Stage,
+    run_dir: Path,
+    previous: Manifest | None,
+    deciding: dict[str, Any],
+    records: dict[str, TreeRecord],
+) -> Decision:
+    """Run, skip (complete for this fingerprint) or refuse (a run of another config or inputs)."""
     if previous is None:
         return Decision("run", "no run yet")
-    records = _hash_inputs(inputs, previous)
     if previous.fingerprint != _fingerprint(deciding, records):
         message = _mismatch_message(stage.label, run_dir, previous, deciding, records)
         return Decision("refuse", message)

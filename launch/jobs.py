@@ -5,7 +5,9 @@ so they live in config files rather than in long ``sbatch`` flag lists. ``submit
 the scripts in ``launch/slurm/`` to ``sbatch --parsable`` and returns the job id, which a later
 job can wait for (``dependency``). ``run_status`` reads a stage's run manifest; train.sbatch asks
 it (``python -m launch.jobs status COMMAND CONFIG [key=value ...]``) after the trainers exit, to
-requeue only a run that saved a checkpoint and stopped. docs/cluster.md describes the scripts.
+requeue only a run that saved a checkpoint and stopped; stage.sbatch asks ``python -m launch.jobs
+wait ...`` to stay until the SLURM arrays of a datatrove stage completed its run.
+docs/cluster.md describes the scripts.
 """
 
 from __future__ import annotations
@@ -286,25 +288,43 @@ def stage_of(command: str) -> Stage:
     )
 
 
+def run_directory_of(command: str, config: Path | str, overrides: Sequence[str] = ()) -> Path:
+    """The run directory ``kinoe COMMAND -c CONFIG overrides`` writes."""
+    stage = stage_of(command)
+    loaded = load_stage_config(stage.config_type, config, overrides)
+    return run_directory(stage.name, loaded, stage.step)
+
+
 def run_status(command: str, config: Path | str, overrides: Sequence[str] = ()) -> str | None:
     """The status in the manifest of the run ``kinoe COMMAND -c CONFIG overrides`` writes
     (running, complete, failed, stopped, submitted), or None before it wrote one."""
-    stage = stage_of(command)
-    loaded = load_stage_config(stage.config_type, config, overrides)
-    manifest = read_manifest(run_directory(stage.name, loaded, stage.step))
+    manifest = read_manifest(run_directory_of(command, config, overrides))
     return manifest.status if manifest is not None else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m launch.jobs status COMMAND CONFIG [key=value ...]``: print the run's status."""
+    """What the batch scripts ask, ``python -m launch.jobs ACTION COMMAND CONFIG [key=value ...]``:
+
+    ``status`` prints the run's manifest status (train.sbatch, after the trainers exit);
+    ``wait`` waits while the run is submitted or running (stage.sbatch, for datatrove arrays).
+    """
     parser = argparse.ArgumentParser(prog="python -m launch.jobs")
     actions = parser.add_subparsers(dest="action", required=True)
-    status = actions.add_parser("status", help="print the run's manifest status, or 'none'")
-    status.add_argument("command", help="the kinoe command, e.g. pretrain or 'finetune sft'")
-    status.add_argument("config")
-    status.add_argument("overrides", nargs="*", metavar="key=value")
+    for name, help_line in (
+        ("status", "print the run's manifest status, or 'none'"),
+        ("wait", "wait while the run is submitted or running; 0 once it is complete"),
+    ):
+        action = actions.add_parser(name, help=help_line)
+        action.add_argument("command", help="the kinoe command, e.g. pretrain or 'finetune sft'")
+        action.add_argument("config")
+        action.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     try:
+        if args.action == "wait":
+            from launch.pipeline import wait_for_run
+
+            poll_s = float(os.environ.get("KINOE_STAGE_POLL_SECONDS", "60"))
+            return wait_for_run(args.command, args.config, args.overrides, poll_s=poll_s)
         print(run_status(args.command, args.config, args.overrides) or "none")
     except KinoeError as error:
         print(f"launch.jobs: error: {str(error).splitlines()[0]}", file=sys.stderr)

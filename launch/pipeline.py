@@ -49,14 +49,20 @@ from common.run import (
     StageConfig,
     StageContext,
     Submitted,
+    decide,
     load_stage_config,
     run_directory,
     run_stage,
 )
-from common.run import (
-    decide as decide_stage,
+from launch.jobs import (
+    EVAL_SCRIPT,
+    SCRIPTS_DIR,
+    TRAIN_SCRIPT,
+    SlurmJob,
+    run_directory_of,
+    stage_of,
+    submit,
 )
-from launch.jobs import EVAL_SCRIPT, SCRIPTS_DIR, TRAIN_SCRIPT, SlurmJob, stage_of, submit
 from launch.pipeline_config import PipelineConfig, PipelineStep
 
 STAGE_SCRIPT = SCRIPTS_DIR / "stage.sbatch"
@@ -139,15 +145,10 @@ def resolve_steps(config: PipelineConfig) -> list[Step]:
     return steps
 
 
-def decide(step: Step) -> Decision:
-    """What run_stage would do with this step now."""
-    return decide_stage(step.stage, step.config)
-
-
 def _config_changed(step: Step) -> Decision | None:
     """A refusal when the step's run directory holds a run of a different config (whatever its
     inputs turn out to be, run_stage would refuse it)."""
-    decision = decide_stage(step.stage, step.config, hash_inputs=False)
+    decision = decide(step.stage, step.config, hash_inputs=False)
     return decision if decision.action == "refuse" else None
 
 
@@ -174,7 +175,7 @@ def plan(steps: Sequence[Step], mode: str) -> list[Decision]:
         if producers:
             decision = _config_changed(step) or Decision("run", f"needs {', '.join(producers)}")
         else:
-            decision = decide(step)
+            decision = decide(step.stage, step.config)
             if decision.missing_input:
                 decision = Decision("refuse", f"{decision.reason} (no earlier step here makes it)")
         executor = getattr(step.config, "executor", None)
@@ -213,7 +214,7 @@ def run_steps_locally(
         where = f"{number}/{len(steps)} {step.name}"
         row = rows.setdefault(step.name, _row(step))
         # Decided again now: the steps before may have just made (or changed) its inputs.
-        decision = decide(step)
+        decision = decide(step.stage, step.config)
         if decision.action == "refuse":
             row["status"] = "refused"
             raise _with_summary(_refusal(step, decision), rows)
@@ -411,9 +412,7 @@ def wait_for_run(
     ``executor.kind: slurm``): their last job completes the manifest. 0 once it is complete;
     1 when it failed, or when its jobs all left the queue without completing it.
     """
-    stage = stage_of(command)
-    loaded = load_stage_config(stage.config_type, config, overrides)
-    run_dir = run_directory(stage.name, loaded, stage.step)
+    run_dir = run_directory_of(command, config, overrides)
     jobs: set[str] = set()
     announced = None
     gone_before = False
@@ -606,24 +605,3 @@ def _archive_previous(run_dir: Path) -> None:
     history.mkdir(parents=True, exist_ok=True)
     stamp = previous.started_at.replace(":", "").replace("+", "_")
     os.replace(run_dir / MANIFEST_NAME, history / f"{stamp}-{previous.status}.json")
-
-
-def _wait_main(argv: Sequence[str] | None = None) -> int:
-    """``python -m launch.pipeline wait COMMAND CONFIG [key=value ...]`` (stage.sbatch)."""
-    parser = argparse.ArgumentParser(prog="python -m launch.pipeline")
-    actions = parser.add_subparsers(dest="action", required=True)
-    wait = actions.add_parser("wait", help="wait while the run is submitted or running")
-    wait.add_argument("command", help="the kinoe command, e.g. data or 'tokenizer encode'")
-    wait.add_argument("config")
-    wait.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    poll_s = float(os.environ.get("KINOE_STAGE_POLL_SECONDS", "60"))
-    try:
-        return wait_for_run(args.command, args.config, args.overrides, poll_s=poll_s)
-    except KinoeError as error:
-        print(f"kinoe stage: error: {str(error).splitlines()[0]}", file=sys.stderr)
-        return error.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(_wait_main())
