@@ -23,7 +23,7 @@ import gzip
 import json
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +73,10 @@ class Account:
 
     read: int = 0
     kept: int = 0
-    rejected: Counter[str] | None = None
+    rejected: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"read": self.read, "kept": self.kept, "rejected": dict(self.rejected or {})}
+        return {"read": self.read, "kept": self.kept, "rejected": dict(self.rejected)}
 
 
 class Rejected(Exception):
@@ -148,20 +148,20 @@ class Encoder:
 
     # -- records -> segments --------------------------------------------------------------
 
-    def sft(self, record: Any) -> Unit:
-        """One SFT record as a one-segment unit, or ``Rejected``."""
+    def sft(self, record: Any, origin: str = "") -> Unit:
+        """One SFT record (from ``origin``, file:line) as a one-segment unit, or ``Rejected``."""
         if isinstance(record, Rejected):
             raise record
         if isinstance(record, dict) and "messages" in record:
-            return Unit((self._conversation(record["messages"], last_turn_only=False),), "")
+            return Unit((self._conversation(record["messages"], last_turn_only=False),), origin)
         if isinstance(record, dict) and "prompt" in record and "completion" in record:
-            return Unit((self._text(record["prompt"], record["completion"]),), "")
+            return Unit((self._text(record["prompt"], record["completion"]),), origin)
         raise Rejected(
             UNKNOWN_SHAPE, "expected {'messages': [...]} or {'prompt': ..., 'completion': ...}"
         )
 
-    def preference(self, record: Any) -> Unit:
-        """One DPO record as a (chosen, rejected) unit, or ``Rejected``."""
+    def preference(self, record: Any, origin: str = "") -> Unit:
+        """One DPO record (from ``origin``) as a (chosen, rejected) unit, or ``Rejected``."""
         if isinstance(record, Rejected):
             raise record
         if not isinstance(record, dict) or not {"prompt", "chosen", "rejected"} <= record.keys():
@@ -177,7 +177,7 @@ class Encoder:
                 segments.append(self._conversation(messages, last_turn_only=True))
             else:
                 segments.append(self._text(prompt, answer))
-        unit = Unit(tuple(segments), "")
+        unit = Unit(tuple(segments), origin)
         if unit.length > self.max_length:
             raise Rejected(
                 TOO_LONG,
@@ -293,14 +293,14 @@ def load_units(
 ) -> tuple[list[Unit], Account]:
     """Every usable record of ``paths`` as a unit (``kind`` sft or dpo); the rest counted and written aside."""
     encode = encoder.sft if kind == "sft" else encoder.preference
-    account = Account(rejected=Counter())
+    account = Account()
     units: list[Unit] = []
     out = None
     try:
         for origin, record in read_records(input_files(paths, key)):
             account.read += 1
             try:
-                unit = encode(record)
+                unit = encode(record, origin)
             except Rejected as problem:
                 account.rejected[problem.reason] += 1
                 if rejected_path is not None:
@@ -312,7 +312,7 @@ def load_units(
                         entry["record"] = record
                     out.write(json.dumps(entry, ensure_ascii=False) + "\n")
                 continue
-            units.append(Unit(unit.segments, origin))
+            units.append(unit)
             account.kept += 1
     finally:
         if out is not None:

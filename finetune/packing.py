@@ -94,7 +94,9 @@ class Batch:
     """A micro-batch of packed sequences, shape (B, T) with T = max_length.
 
     ``segment_BT`` numbers the segments of the micro-batch in order (-1 on padding), so sums
-    per example are an ``index_add`` away; ``segments`` is how many there are.
+    per example are an ``index_add`` away; ``segments`` is how many there are. ``tokens`` (real,
+    not padding) and ``targets`` (trained labels) are counted here, on the host, so the training
+    step need not read them back from the device.
     """
 
     input_ids_BT: torch.Tensor
@@ -103,6 +105,8 @@ class Batch:
     segment_BT: torch.Tensor
     segments: int
     units: list[int]  # the unit index of each segment group, in order
+    tokens: int
+    targets: int
 
     def to(self, device: torch.device) -> Batch:
         return Batch(
@@ -112,6 +116,8 @@ class Batch:
             self.segment_BT.to(device, non_blocking=True),
             self.segments,
             self.units,
+            self.tokens,
+            self.targets,
         )
 
 
@@ -142,7 +148,8 @@ def collate(
                 position, document, segment = end, document + 1, segment + 1
         # Padding is a document of its own: it attends to nothing real.
         documents[row, position:] = document
-    return Batch(input_ids, labels, documents, segment_of, segment, order)
+    tokens, targets = int((segment_of >= 0).sum()), int((labels != IGNORE).sum())
+    return Batch(input_ids, labels, documents, segment_of, segment, order, tokens, targets)
 
 
 def targets_in(units: list[Unit], sequences: list[tuple[int, ...]]) -> int:
@@ -177,3 +184,14 @@ def evaluation_batches(
     sequences = pack(lengths, list(range(count)), max_length, packing)
     mine = sequences[rank::world_size]
     return [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+
+
+def segment_logps(token_loss_BT: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Log-probability (S,) of each segment's trained tokens: minus their summed token losses.
+
+    Token losses are 0 where the label is not trained, so no mask is needed; padding (segment
+    -1) is summed into a slot of its own and dropped, which keeps this free of host syncs.
+    """
+    slots_BT = batch.segment_BT + 1
+    sums = torch.zeros(batch.segments + 1, dtype=token_loss_BT.dtype, device=token_loss_BT.device)
+    return -sums.index_add(0, slots_BT.flatten(), token_loss_BT.flatten())[1:]

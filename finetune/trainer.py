@@ -13,7 +13,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from common.errors import KinoeError, Stopped
 from common.run import StageContext
 from common.secrets import redact
-from finetune.config import FinetuneConfig
+from finetune.config import FinetuneConfig, LoraConfig
 from finetune.examples import Encoder, Unit, load_units
 from finetune.model import (
     build_model,
@@ -35,12 +35,12 @@ from finetune.model import (
     write_adapter,
 )
 from finetune.packing import (
-    IGNORE,
     Batch,
     Plan,
     collate,
     evaluation_batches,
     rank_micro_batches,
+    segment_logps,
     targets_in,
     training_plan,
 )
@@ -85,23 +85,20 @@ class Data:
     reference: torch.Tensor | None = None
 
 
-@dataclass
 class Sums:
-    """Per-step (or per-evaluation) sums, reduced over ranks in one all-reduce."""
+    """Per-step (or per-evaluation) sums, kept on the device and reduced over ranks in one all-reduce."""
 
-    names: tuple[str, ...]
-    values: torch.Tensor = field(init=False)
+    def __init__(self, names: tuple[str, ...], device: torch.device):
+        self.names = names
+        self.values = torch.zeros(len(names), dtype=torch.float64, device=device)
 
-    def __post_init__(self) -> None:
-        self.values = torch.zeros(len(self.names), dtype=torch.float64)
-
-    def add(self, **values: float) -> None:
+    def add(self, **values: float | torch.Tensor) -> None:
         for name, value in values.items():
             self.values[self.names.index(name)] += value
 
-    def reduce(self, device: torch.device, extra: list[float] = ()) -> list[float]:
-        reduced = torch.cat([self.values, torch.tensor(list(extra), dtype=torch.float64)])
-        reduced = reduced.to(device)
+    def reduce(self, extra: list[float] = ()) -> list[float]:
+        extra_tensor = torch.tensor(list(extra), dtype=torch.float64, device=self.values.device)
+        reduced = torch.cat([self.values, extra_tensor])
         dist.all_reduce(reduced)
         return reduced.cpu().tolist()
 
@@ -341,15 +338,11 @@ class _Loop:
         """The summed loss of ``batch`` (token losses for SFT, pair losses for DPO); adds its figures to ``sums``."""
         logits_BTV = self.engine(batch.input_ids_BT, batch.document_ids_BT)
         token_loss_BT = self.loss(logits_BTV, batch.labels_BT)
-        trained_BT = batch.labels_BT != IGNORE
-        tokens = int((batch.segment_BT >= 0).sum())
         if self.objective == "sft":
             loss = token_loss_BT.sum()
-            sums.add(loss=loss.item(), targets=int(trained_BT.sum()), tokens=tokens)
+            sums.add(loss=loss.detach(), targets=batch.targets, tokens=batch.tokens)
             return loss
-        # Sequence log-probability of each segment: minus its summed token losses.
-        logps_S = torch.zeros(batch.segments, dtype=torch.float32, device=logits_BTV.device)
-        logps_S = logps_S.index_add(0, batch.segment_BT[trained_BT], -token_loss_BT[trained_BT])
+        logps_S = segment_logps(token_loss_BT, batch)
         chosen_P, rejected_P = logps_S[0::2], logps_S[1::2]
         reference = self.data.reference[[reference_offset + u for u in batch.units]].to(
             logps_S.device
@@ -359,14 +352,24 @@ class _Loop:
         rejected_reward_P = beta * (rejected_P - reference[:, 1])
         margin_P = chosen_reward_P - rejected_reward_P
         loss_P = -F.logsigmoid(margin_P)
+        figures_P = torch.stack(
+            [
+                loss_P,
+                margin_P,
+                (margin_P > 0).to(margin_P.dtype),
+                chosen_reward_P,
+                rejected_reward_P,
+            ]
+        )
+        loss_sum, margin, correct, chosen, rejected = figures_P.detach().sum(dim=1)
         sums.add(
-            loss=loss_P.sum().item(),
+            loss=loss_sum,
             pairs=len(batch.units),
-            tokens=tokens,
-            margin=margin_P.sum().item(),
-            correct=(margin_P > 0).sum().item(),
-            chosen=chosen_reward_P.sum().item(),
-            rejected=rejected_reward_P.sum().item(),
+            tokens=batch.tokens,
+            margin=margin,
+            correct=correct,
+            chosen=chosen,
+            rejected=rejected,
         )
         return loss_P.sum()
 
@@ -404,7 +407,7 @@ class _Loop:
                 else sum(1 for s in sequences for _ in s)
             )
             scale = world.size * self.accumulation / max(per_step, 1)
-            sums = Sums(self.names)
+            sums = Sums(self.names, self.world.device)
             micro_batches = rank_micro_batches(
                 sequences, world.rank, world.size, self.train_config.micro_batch_size
             )
@@ -420,7 +423,7 @@ class _Loop:
                 engine.backward(loss)
                 engine.step()
             stop = 1.0 if self.flag.received else 0.0
-            reduced = sums.reduce(world.device, [stop])
+            reduced = sums.reduce([stop])
             stop_requested = reduced[-1] > 0
             figures = self._figures(sums, reduced)
             if self.experts is not None:
@@ -464,7 +467,7 @@ class _Loop:
     def evaluate(self, step: int) -> dict[str, float]:
         """Loss (and DPO reward figures) over the held-out examples, every rank a share."""
         units = self.data.held_out
-        sums = Sums(self.names)
+        sums = Sums(self.names, self.world.device)
         self.engine.eval()
         for micro in _equal_shares(
             evaluation_batches(
@@ -483,7 +486,7 @@ class _Loop:
             )
             self._losses(batch, units, len(self.data.train), sums)
         self.engine.train()
-        figures = self._figures(sums, sums.reduce(self.world.device))
+        figures = self._figures(sums, sums.reduce())
         self.monitor.record(
             step, "held-out evaluation", {f"eval/{k}": v for k, v in figures.items()}
         )
@@ -533,11 +536,12 @@ def _reference_logps(
     reference = torch.zeros(len(units), 2, dtype=torch.float64)
     scorer = engine
     if config.dpo.reference is not None:
-        from finetune.config import ModelConfig
-        from finetune.model import build_model as build
-
-        other = open_model_source(ModelConfig(path=config.dpo.reference))
-        scorer = build(other, ModelConfig(path=config.dpo.reference), 0, logger).to(world.device)
+        # The reference computes as the policy does (same training overrides), without adapters.
+        reference_model = config.model.model_copy(
+            update={"path": config.dpo.reference, "lora": LoraConfig()}
+        )
+        other = open_model_source(reference_model)
+        scorer = build_model(other, reference_model, 0, logger).to(world.device)
         scorer = scorer.to(next(engine.module.parameters()).dtype)
     scorer.eval()
     loss = loss_function(config)
@@ -556,13 +560,9 @@ def _reference_logps(
             batch = collate(units, micro, data_config.max_length, 0).to(world.device)
             logits_BTV = scorer(batch.input_ids_BT, batch.document_ids_BT)
             token_loss_BT = loss(logits_BTV, batch.labels_BT)
-            trained_BT = batch.labels_BT != IGNORE
-            logps_S = torch.zeros(batch.segments, dtype=torch.float64, device=world.device)
-            logps_S = logps_S.index_add(
-                0, batch.segment_BT[trained_BT], -token_loss_BT[trained_BT].double()
-            )
+            logps_S = segment_logps(token_loss_BT.double(), batch).cpu()
             for index, unit in enumerate(batch.units):
-                reference[unit] = logps_S[2 * index : 2 * index + 2].cpu()
+                reference[unit] = logps_S[2 * index : 2 * index + 2]
     engine.train()
     reduced = reference.to(world.device)
     dist.all_reduce(reduced)
