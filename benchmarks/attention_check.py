@@ -2,7 +2,7 @@
 
 One attention layer of a 1B-like shape (default B=1, T=4096, H=16 query heads over G=8
 key/value heads, K=128) in bf16, rows packed with documents of random lengths or plain
-causal, with and without a sliding window. For each backend of pretrain.models.attention:
+causal, with and without a sliding window. For each backend of models.attention:
 the largest difference of its output and of its q/k/v gradients from a float32 SDPA
 reference, the time to build the per-forward mask, the time of a forward plus backward,
 the first call's time (FlexAttention compiles then), and peak extra memory. Prints a
@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 from common.errors import KinoeError
-from pretrain.models.attention import attend, build_attention_mask
+from models.attention import attend, build_attention_mask
 
 
 def document_ids(batch: int, seq_len: int, mean_length: float, seed: int) -> torch.Tensor:

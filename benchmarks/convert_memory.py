@@ -37,9 +37,9 @@ GB = 1e9
 def build_weights(preset: str, out: Path) -> None:
     import torch
 
-    from pretrain.convert.initial import write_weights_directory
-    from pretrain.convert.sources import module_source
-    from pretrain.models import FAMILIES
+    from convert.initial import write_weights_directory
+    from convert.sources import module_source
+    from models import FAMILIES
 
     family = "mixtral" if preset.startswith("mixtral") else "mistral"
     torch.manual_seed(0)
@@ -55,8 +55,8 @@ def build_deepspeed(preset: str, out: Path) -> None:
     import torch
     import yaml
 
-    from pretrain.checkpoint import LATEST, STATE_FILE, TrainerState, tag_for
-    from pretrain.models import FAMILIES
+    from models import FAMILIES
+    from training.checkpoint import LATEST, STATE_FILE, TrainerState, tag_for
 
     family = "mixtral" if preset.startswith("mixtral") else "mistral"
     os.environ.update(
@@ -86,8 +86,8 @@ def build_deepspeed(preset: str, out: Path) -> None:
 
 def measure_kinoe(source: Path, tokenizer: Path, out: Path, dtype: str, verify: bool) -> dict:
     from common.run import run_stage
-    from pretrain.convert.cli import STEPS
-    from pretrain.convert.config import ConvertConfig
+    from convert.cli import STEPS
+    from convert.config import ConvertConfig
 
     config = ConvertConfig.model_validate(
         {

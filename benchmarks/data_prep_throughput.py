@@ -24,7 +24,7 @@ from common.run import run_stage
 from data_prep.cli import STAGE
 from data_prep.config import DataConfig
 from data_prep.dedup import CharacterMinhashSignature
-from data_prep.filters import quality_steps
+from data_prep.filter_steps import quality_steps
 from data_prep.normalise import Normaliser
 from data_prep.sources import reader_for
 

@@ -35,9 +35,9 @@ def write_model(preset: str, tokenizer: Path, out: Path) -> Path:
     """A random kinoe model of ``preset`` as a bf16 Hugging Face directory with ``tokenizer``."""
     import torch
 
-    from pretrain.convert.hf_write import write_hf_directory
-    from pretrain.convert.sources import module_source
-    from pretrain.models import FAMILIES
+    from convert.hf_write import write_hf_directory
+    from convert.sources import module_source
+    from models import FAMILIES
 
     if (out / "config.json").is_file():
         return out
@@ -103,7 +103,7 @@ def run_variant(name: str, args: argparse.Namespace, model_dir: Path, root: Path
     summary = json.loads((run / "manifest.json").read_text())["summary"]
     log = (run / "logs" / "finetune.rank0.log") if args.nproc > 1 else run / "logs" / "finetune.log"
     peaks = [float(m) for m in re.findall(r"max allocated ([\d.]+) GiB", log.read_text())]
-    from pretrain.models import FAMILIES
+    from models import FAMILIES
 
     flops = FAMILIES["mistral"].presets[args.preset]().flops_per_token(args.max_length)
     evaluations = summary.get("evaluations", {})

@@ -26,8 +26,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from pretrain.models.mixtral.args import MixtralArgs, mixtral_1b_active
-from pretrain.models.mixtral.moe import MoE
+from models.mixtral.args import MixtralArgs, mixtral_1b_active
+from models.mixtral.moe import MoE
 
 
 def cuda_seconds(step: Callable[[], None], iterations: int) -> float:

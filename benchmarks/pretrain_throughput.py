@@ -85,9 +85,11 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
     """Build one variant, run warmup + timed steps, return its figures (this process only)."""
     import torch
 
-    from pretrain.engine import build_engine, deepspeed_config, init_distributed
-    from pretrain.parallelize import compile_blocks, compiled_loss
-    from pretrain.trainer import next_token_losses
+    from models.experts import ExpertModel
+    from training.engine import build_engine, deepspeed_config
+    from training.losses import next_token_losses
+    from training.parallelize import compile_blocks, compiled_loss
+    from training.world import init_distributed
 
     implementation, attention, documents, compiled = VARIANTS[variant]
     world = init_distributed()
@@ -124,7 +126,7 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
         else:
             logits = engine(inputs, document_ids if documents else None)
             loss = loss_of(logits, labels).mean()
-            if hasattr(model, "auxiliary_loss"):
+            if isinstance(model, ExpertModel):
                 loss = loss + model.auxiliary_loss()
         engine.backward(loss)
         engine.step()

@@ -10,8 +10,9 @@ from pydantic import Field, field_validator, model_validator
 from common.config import Config
 from common.executor import ExecutorConfig
 from common.run import StageConfig
-from data_prep.filters import PRESETS, QualityConfig
-from data_prep.normalise import NormaliseConfig, normalise_preset
+from data_prep.filter_rules import QualityConfig
+from data_prep.normalise import NormaliseConfig
+from data_prep.source_presets import source_preset
 
 SourceKind = Literal["c4_ja", "wikipedia_ja", "jsonl", "parquet", "aozora"]
 
@@ -44,8 +45,10 @@ class SourceConfig(Config):
     id_field: str = "id"
     wikipedia_dump: str = Field("20231101.ja", description="wikimedia/wikipedia config to stream")
     limit: int = Field(-1, description="At most this many documents per task (-1: all); for trials")
-    preset: Literal["web", "wikipedia", "literature"] | None = Field(
-        None, description="Filter and normalisation preset; defaults by kind"
+    preset: str | None = Field(
+        None,
+        description="Normalisation and filter preset, a file in data_prep/presets/ (web, "
+        "wikipedia, literature); defaults by kind",
     )
     normalise: NormaliseConfig = Field(
         default=None, description="Normalisation settings; the preset's, with any keys given here"
@@ -61,10 +64,12 @@ class SourceConfig(Config):
         """Fill ``normalise`` and ``filters`` from the preset, then apply the keys the user gave."""
         if not isinstance(data, dict):
             return data
-        preset = data.get("preset") or DEFAULT_PRESET.get(str(data.get("kind")), "web")
+        preset = source_preset(
+            data.get("preset") or DEFAULT_PRESET.get(str(data.get("kind")), "web")
+        )
         data = dict(data)
-        data["normalise"] = _merge(normalise_preset(preset).model_dump(), data.get("normalise"))
-        data["filters"] = _merge(PRESETS[preset].model_dump(), data.get("filters"))
+        data["normalise"] = _merge(preset.normalise.model_dump(), data.get("normalise"))
+        data["filters"] = _merge(preset.filters.model_dump(), data.get("filters"))
         return data
 
     @model_validator(mode="after")

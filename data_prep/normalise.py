@@ -28,50 +28,6 @@ from pydantic import Field, field_validator
 
 from common.config import Config
 
-# Headings after which a Wikipedia article is references and navigation, not prose.
-WIKIPEDIA_TRAILING_SECTIONS = (
-    "脚注",
-    "注釈",
-    "出典",
-    "参考文献",
-    "関連項目",
-    "外部リンク",
-    "関連文献",
-    "参考資料",
-)
-
-# Lines of site furniture on Japanese web pages. Each pattern either matches a whole line made
-# only of navigation words, or requires a short line (a lookahead caps the length), so a line
-# of prose that merely mentions ログイン or クッキー survives. Patterns see NFKC text: ASCII
-# ">" and "()" stand for ＞ and （）, but both widths are listed where the step may run without
-# NFKC. Matching is re.search on one line without its newline.
-WEB_BOILERPLATE_PATTERNS = (
-    # Copyright footers: "Copyright © 2023 Foo Inc. All Rights Reserved." "(C) 2019 株式会社..."
-    r"^(?=.{0,120}$).*(?i:copyright|all rights reserved|©)",
-    r"^\s*[(（](?i:c)[)）]\s*\d{4}",
-    # Cookie consent banners: a short line naming cookies together with consent wording.
-    r"^(?=.{0,150}$)(?=.*(?i:cookie|クッキー))(?=.*(?i:同意|使用|利用|受け入れ|accept)).*"
-    r"(?i:サイト|ブラウザ|ポリシー|設定|同意|accept)",
-    # Login/registration navigation: a line made only of these words and separators ...
-    r"^[\s|｜/・>＞»]*(?:(?:新規)?(?:会員)?(?:登録|ログイン|ログアウト|サインイン|サインアップ)"
-    r"|マイページ|カート|お問い合わせ|ヘルプ)(?:[\s|｜/・]+(?:(?:新規)?(?:会員)?"
-    r"(?:登録|ログイン|ログアウト|サインイン|サインアップ)|マイページ|カート|お問い合わせ|ヘルプ))*"
-    r"[\s|｜/・]*$",
-    # ... or a short line without sentence punctuation that mentions logging in or signing up
-    # ("ログインはこちら", "会員登録(無料)して続きを読む"); prose ends its sentences with 。.
-    r"^(?=.{0,30}$)(?!.*[。、])(?=.*(?:ログイン|会員登録|新規登録)).*(?:こちら|する|して|ください|無料|続き)",
-    # Breadcrumbs: "ホーム > カテゴリ > 記事", "トップ ＞ ...", "HOME » ブログ".
-    r"^\s*(?i:ホーム|トップ(?:ページ)?|top|home)\s*[>＞»›]",
-    r"^(?=.{0,100}$)[^。]*\s[>＞»›]\s[^。]*\s[>＞»›]\s",
-    # Back-to-top links.
-    r"^\s*[▲△↑^]?\s*(?i:ページの?(?:先頭|トップ|上)へ(?:戻る)?|(?:トップ|top)(?:ページ)?へ戻る"
-    r"|page\s*top|ページトップ)\s*[▲△↑]?\s*$",
-    # Share buttons: "この記事をシェア", or a line made only of share-button labels.
-    r"^\s*この(?:記事|ページ|エントリー)を(?:シェア|共有)",
-    r"^(?:\s*(?i:シェア(?:する)?|ツイート|tweet|いいね!?|はてブ|はてなブックマーク|pocket"
-    r"|lineで送る|facebook|twitter|line|pinterest|b!)\s*[|｜/・]?)+$",
-)
-
 # C0 and C1 controls other than tab and newline, soft hyphen, zero-width space/non-joiner/
 # joiner, word joiner, BOM, and the invisible bidirectional marks, which carry nothing for
 # Japanese text. (CR is handled before, as a line break.)
@@ -146,7 +102,7 @@ class NormaliseConfig(Config):
         default_factory=list,
         description=(
             "Regular expressions; a line in which any of them is found (re.search on the line "
-            "without its newline) is removed. The web preset uses WEB_BOILERPLATE_PATTERNS"
+            "without its newline) is removed. The web preset's are in data_prep/presets/web.yaml"
         ),
     )
 
@@ -179,17 +135,6 @@ class NormaliseConfig(Config):
                     f"strip_sections: {section!r} must be a heading word on one line, not blank"
                 )
         return sections
-
-
-def normalise_preset(name: str) -> NormaliseConfig:
-    """The normalisation settings of a source preset: web, wikipedia or literature."""
-    if name == "web":
-        return NormaliseConfig(drop_line_patterns=list(WEB_BOILERPLATE_PATTERNS))
-    if name == "wikipedia":
-        return NormaliseConfig(strip_sections=list(WIKIPEDIA_TRAILING_SECTIONS))
-    if name == "literature":
-        return NormaliseConfig()
-    raise ValueError(f"unknown normalisation preset {name!r}; use web, wikipedia or literature")
 
 
 @functools.lru_cache(maxsize=256)

@@ -35,7 +35,7 @@ from datatrove.pipeline.dedup.minhash import (
 from common.executor import PipelineStage
 from data_prep.config import DataConfig
 from data_prep.dedup import CharacterMinhashSignature, exact_config, minhash_config
-from data_prep.filters import STEP_ORDER, quality_steps
+from data_prep.filter_steps import STEP_ORDER, quality_steps
 from data_prep.normalise import Normaliser
 from data_prep.outputs import CountDocuments, TallyingJsonlWriter, TallyingParquetWriter
 from data_prep.sources import JsonlDocuments, ReadErrors, reader_for

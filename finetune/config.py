@@ -1,7 +1,7 @@
 """The ``kinoe finetune`` config: one file for the jaster builder, SFT and DPO of one model.
 
-Optimizer, schedule, DeepSpeed engine, checkpoints and monitoring are pretraining's own
-sections (same fields, same meaning); what differs is where the model and data come from,
+Optimizer, schedule, DeepSpeed engine, checkpoints and monitoring are the training core's
+sections (``training.config``, the same as pretraining's); what differs is where the model and data come from,
 how long to train (epochs over examples instead of steps over a token stream) and the LoRA
 and DPO settings.
 """
@@ -15,14 +15,14 @@ from pydantic import Field, field_validator, model_validator
 
 from common.config import Config
 from common.run import StageConfig
-from pretrain.config import (
+from convert.config import VerifySettings
+from training.config import (
     CheckpointConfig,
     EngineConfig,
+    MonitorConfig,
     OptimizerConfig,
     ScheduleConfig,
 )
-from pretrain.convert.config import VerifySettings
-from pretrain.monitor import MonitorConfig
 
 # The linear layers LoRA adapts by default: every projection of attention and the feed-forward
 # block (kinoe's names, which are also the last part of Hugging Face's module names).

@@ -126,7 +126,7 @@ class Encoder:
     def __init__(self, tokenizer_dir: Path, max_length: int):
         from transformers import AutoTokenizer
 
-        from pretrain.convert.hf_write import turn_end_token
+        from convert.hf_write import turn_end_token
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         if not getattr(self.tokenizer, "is_fast", False):

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from common.errors import KinoeError
+from convert.hf_read import hf_source
+from convert.sources import Source, TensorRef, load_weights, tie
 from finetune.config import LoraConfig, ModelConfig
-from pretrain.convert.hf_read import hf_source
-from pretrain.convert.sources import Source, TensorRef, load_weights, tie
 
 _WRAPPER = "_checkpoint_wrapped_module."
 _LORA_A, _LORA_B, _BASE = ".lora_A.default.weight", ".lora_B.default.weight", ".base_layer.weight"

@@ -13,6 +13,7 @@ pretraining. The last step of the run is filled up with empty sequences (no targ
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import random
@@ -107,17 +108,24 @@ class Batch:
     units: list[int]  # the unit index of each segment group, in order
     tokens: int
     targets: int
+    # Training: the summed loss is multiplied by this, world size x micro-batches over the
+    # step's count of targets (SFT) or pairs (DPO), so the gradient is their mean however the
+    # step's sequences fall on ranks and micro-batches (DeepSpeed divides by the first part).
+    loss_scale: float = 1.0
+    # DPO: each unit's reference log-probabilities (P, 2), chosen then rejected, float64.
+    reference_P2: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(
-            self.input_ids_BT.to(device, non_blocking=True),
-            self.labels_BT.to(device, non_blocking=True),
-            self.document_ids_BT.to(device, non_blocking=True),
-            self.segment_BT.to(device, non_blocking=True),
-            self.segments,
-            self.units,
-            self.tokens,
-            self.targets,
+        """The same batch on ``device``; copies are queued, the host does not wait for them."""
+        return dataclasses.replace(
+            self,
+            input_ids_BT=self.input_ids_BT.to(device, non_blocking=True),
+            labels_BT=self.labels_BT.to(device, non_blocking=True),
+            document_ids_BT=self.document_ids_BT.to(device, non_blocking=True),
+            segment_BT=self.segment_BT.to(device, non_blocking=True),
+            reference_P2=None
+            if self.reference_P2 is None
+            else self.reference_P2.to(device, non_blocking=True),
         )
 
 

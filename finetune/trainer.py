@@ -1,31 +1,32 @@
-"""The fine-tuning loop, one for SFT and DPO: only the loss on a micro-batch's logits differs.
+"""``kinoe finetune sft|dpo``: prepare data, model, engine and (DPO) the reference
+log-probabilities, hand the steps to the training core (``training.loop.Trainer``), then write
+the trained model as a verified Hugging Face directory.
 
-Read top to bottom: ``finetune`` prepares data, model, engine and (DPO) the reference
-log-probabilities, then ``_run_steps`` is the loop. DeepSpeed, checkpoints, preemption and the
-monitor are pretraining's own (``pretrain.engine``, ``pretrain.checkpoint``,
-``pretrain.monitor``): a fine-tuning run is stopped, resumed and watched exactly like a
-pretraining run. Every rank runs this; rank 0 alone writes files.
+A fine-tuning run is stepped, checkpointed, stopped, resumed and watched exactly like a
+pretraining run: the loop, checkpoints and callbacks are the core's. What is fine-tuning's own
+is here, in ``finetune.objectives`` (SFT and DPO losses), ``finetune.packing`` (the plan of
+packed sequences) and ``finetune.held_out`` (the held-out evaluation callback). Every rank
+runs this; rank 0 alone writes files.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import random
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from common.errors import KinoeError, Stopped
+from common.errors import KinoeError
 from common.run import StageContext
 from common.secrets import redact
-from finetune.config import FinetuneConfig, LoraConfig
+from finetune.config import FinetuneConfig
 from finetune.examples import Encoder, Unit, load_units
+from finetune.held_out import EVAL_FILE, PAD_ID, HeldOutEvaluation, with_reference
 from finetune.model import (
     build_model,
     gather_weights,
@@ -34,40 +35,18 @@ from finetune.model import (
     trained_source,
     write_adapter,
 )
-from finetune.packing import (
-    Batch,
-    Plan,
-    collate,
-    evaluation_batches,
-    rank_micro_batches,
-    segment_logps,
-    targets_in,
-    training_plan,
-)
-from pretrain.checkpoint import Checkpointer, TrainerState
-from pretrain.engine import (
-    World,
-    accumulation_steps,
-    build_engine,
-    deepspeed_config,
-    init_distributed,
-)
-from pretrain.expert_load import CONSOLE_KEYS, ExpertLoadTracker
-from pretrain.monitor import Monitor, StepMetrics
-from pretrain.parallelize import parallelize
-from pretrain.schedule import decay_start_step, learning_rate
-from pretrain.trainer import (
-    METRICS_FILE,
-    PreemptionFlag,
-    append_metrics,
-    grad_norm,
-    loss_function,
-    truncate_history,
-)
+from finetune.objectives import ObjectiveName, build_objective
+from finetune.packing import Batch, Plan, collate, rank_micro_batches, targets_in, training_plan
+from finetune.reference import reference_logps
+from training.callbacks import RunInfo, standard_callbacks
+from training.checkpoint import Checkpointer, TrainerState
+from training.engine import accumulation_steps, build_engine, deepspeed_config
+from training.loop import PreemptionFlag, Trainer
+from training.losses import token_loss_function
+from training.parallelize import parallelize
+from training.schedule import decay_start_step, learning_rate
+from training.world import World, init_distributed
 
-Objective = Literal["sft", "dpo"]
-EVAL_FILE = "eval.jsonl"
-REFERENCE_FILE = "reference_logps.pt"
 REJECTED_FILE = "rejected.jsonl"
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
@@ -85,32 +64,47 @@ class Data:
     reference: torch.Tensor | None = None
 
 
-class Sums:
-    """Per-step (or per-evaluation) sums, kept on the device and reduced over ranks in one all-reduce."""
+class PlanSteps:
+    """Fine-tuning's steps: the plan's sequences for a step, this rank's share in micro-batches."""
 
-    def __init__(self, names: tuple[str, ...], device: torch.device):
-        self.names = names
-        self.values = torch.zeros(len(names), dtype=torch.float64, device=device)
+    def __init__(
+        self, data: Data, objective: ObjectiveName, world: World, accumulation: int, config
+    ):
+        _, self.data_config, self.train_config = config.training()
+        self.data, self.objective, self.world, self.accumulation = (
+            data,
+            objective,
+            world,
+            accumulation,
+        )
+        self.total = data.plan.steps
 
-    def add(self, **values: float | torch.Tensor) -> None:
-        for name, value in values.items():
-            self.values[self.names.index(name)] += value
+    def micro_batches(self, step: int) -> Iterator[Batch]:
+        units, sequences = self.data.train, self.data.plan.step_sequences(step)
+        # Normalise by the whole step's count, known from the plan: the gradient is then the
+        # mean over every trained token (SFT) or pair (DPO) of the global batch, however the
+        # sequences fall on ranks and micro-batches. DeepSpeed divides by ranks x micro-batches.
+        per_step = (
+            targets_in(units, sequences)
+            if self.objective == "sft"
+            else sum(1 for s in sequences for _ in s)
+        )
+        scale = self.world.size * self.accumulation / max(per_step, 1)
+        for micro in rank_micro_batches(
+            sequences, self.world.rank, self.world.size, self.train_config.micro_batch_size
+        ):
+            batch = collate(units, micro, self.data_config.max_length, PAD_ID)
+            batch.loss_scale = scale
+            yield with_reference(batch, self.data.reference, 0)
 
-    def reduce(self, extra: list[float] = ()) -> list[float]:
-        extra_tensor = torch.tensor(list(extra), dtype=torch.float64, device=self.values.device)
-        reduced = torch.cat([self.values, extra_tensor])
-        dist.all_reduce(reduced)
-        return reduced.cpu().tolist()
+    def phase(self, step: int) -> str:
+        return self.objective
 
-    def get(self, reduced: list[float], name: str) -> float:
-        return reduced[self.names.index(name)]
+    def sequences(self, step: int) -> int:
+        return len([s for s in self.data.plan.step_sequences(step) if s])
 
 
-SFT_SUMS = ("loss", "targets", "tokens")
-DPO_SUMS = ("loss", "pairs", "tokens", "margin", "correct", "chosen", "rejected")
-
-
-def finetune(context: StageContext[FinetuneConfig], objective: Objective) -> dict[str, Any]:
+def finetune(context: StageContext[FinetuneConfig], objective: ObjectiveName) -> dict[str, Any]:
     """The ``kinoe finetune sft|dpo`` step body."""
     world = init_distributed()
     try:
@@ -121,7 +115,7 @@ def finetune(context: StageContext[FinetuneConfig], objective: Objective) -> dic
 
 
 def _finetune(
-    context: StageContext[FinetuneConfig], world: World, objective: Objective
+    context: StageContext[FinetuneConfig], world: World, objective: ObjectiveName
 ) -> dict[str, Any]:
     config, logger, run_dir = context.config, context.logger, context.run_dir
     model_config, data_config, train_config = config.training()
@@ -156,28 +150,39 @@ def _finetune(
     checkpointer.remove_incomplete()
     resume_step = checkpointer.step_to_resume()
     if objective == "dpo":
-        data.reference = _reference_logps(config, data, engine, world, run_dir, resume_step, logger)
+        data.reference = reference_logps(
+            config, data.train + data.held_out, engine, world, run_dir, resume_step, logger
+        )
     if resume_step is not None:
         state = checkpointer.load(engine, resume_step, state)
         state.world_size, state.zero_stage = world.size, config.engine.zero_stage
-    if world.is_main:
-        truncate_history(run_dir / METRICS_FILE, state.step)
-        truncate_history(run_dir / EVAL_FILE, state.step)
     dist.barrier()
 
-    args = source.args
-    monitor = Monitor(
-        config.monitor,
-        run_name=f"{config.run.name}-{objective}",
+    loss = build_objective(objective, token_loss_function(config.engine), config.dpo.beta)
+    held_out = HeldOutEvaluation(
+        objective=loss,
+        engine=engine,
+        units=data.held_out,
+        reference=data.reference,
+        reference_offset=len(data.train),
+        max_length=data_config.max_length,
+        packing=data_config.packing,
+        micro_batch_size=train_config.micro_batch_size,
+        interval=train_config.eval_interval,
+        total_steps=data.plan.steps,
+        world=world,
         run_dir=run_dir,
-        run_config=json.loads(redact(json.dumps(config.model_dump(mode="json")))),
-        is_main=world.is_main,
-        world_size=world.size,
-        flops_per_token=args.flops_per_token(data_config.max_length),
-        device=world.device,
-        logger=logger,
-        console_extra=CONSOLE_KEYS if hasattr(model, "router_stats") else (),
     )
+    run = RunInfo(
+        name=f"{config.run.name}-{objective}",
+        run_dir=run_dir,
+        config=json.loads(redact(json.dumps(config.model_dump(mode="json")))),
+        world_size=world.size,
+        device=world.device,
+        flops_per_token=source.args.flops_per_token(data_config.max_length),
+        logger=logger,
+    )
+    callbacks = standard_callbacks(config.monitor, run, world, model, stage=[held_out])
     if world.is_main:
         logger.info(
             "finetune %s: %s %s parameters (%s trained%s), %d training and %d held-out examples in "
@@ -198,20 +203,45 @@ def _finetune(
             data.plan.steps,
             config.engine.zero_stage,
         )
-    loop = _Loop(
-        config, objective, world, engine, data, accumulation, monitor, run_dir, flag, checkpointer
+    decay_start = decay_start_step(config.schedule, data.plan.steps, None)
+    trainer = Trainer(
+        engine=engine,
+        world=world,
+        objective=loss,
+        steps=PlanSteps(data, objective, world, accumulation, config),
+        learning_rate=lambda step: learning_rate(
+            step, data.plan.steps, config.optimizer, config.schedule, decay_start
+        ),
+        checkpointer=checkpointer,
+        checkpoint_interval=config.checkpoint.interval,
+        callbacks=callbacks,
+        flag=flag,
     )
-    if state.step == 0 and data.held_out:
-        loop.evaluate(0)  # where the held-out figures start
     try:
-        state = loop.run(state)
-    except Stopped:
-        monitor.on_end("preempted", {"step": state.step})
-        raise
-    except BaseException as error:
-        monitor.on_end("failed", {"error": f"{type(error).__name__}: {error}".splitlines()[0]})
-        raise
+        state = trainer.fit(state)
+        summary = _finish(
+            config, objective, source, engine, data, state, counts, world, run_dir, logger
+        )
+        callbacks.end("complete", {k: summary[k] for k in ("steps", "tokens")})
+    finally:
+        callbacks.close()
+    return summary
 
+
+def _finish(
+    config: FinetuneConfig,
+    objective: ObjectiveName,
+    source,
+    engine,
+    data: Data,
+    state: TrainerState,
+    counts: dict[str, int],
+    world: World,
+    run_dir: Path,
+    logger,
+) -> dict[str, Any]:
+    """Gather the trained weights, write the model (and LoRA adapter) directory; the run's summary."""
+    model_config, data_config, _ = config.training()
     weights, adapters = gather_weights(engine, source, model_config.lora, world.is_main)
     summary: dict[str, Any] = {
         "objective": objective,
@@ -233,12 +263,11 @@ def _finetune(
                     adapters, source, model_config.lora, model_config.path, run_dir / ADAPTER_DIR
                 )
             )
-    monitor.on_end("complete", {k: summary[k] for k in ("steps", "tokens")})
     return summary
 
 
 def _load_data(
-    config: FinetuneConfig, objective: Objective, run_dir: Path, world: World, logger
+    config: FinetuneConfig, objective: ObjectiveName, run_dir: Path, world: World, logger
 ) -> Data:
     """Every rank reads and encodes the same examples (deterministic); rank 0 writes the rejects."""
     model_config, data_config, train_config = config.training()
@@ -299,290 +328,10 @@ def _packing_efficiency(data: Data, max_length: int) -> float:
     return used / max(1, len(data.plan.sequences) * max_length)
 
 
-class _Loop:
-    """The optimizer steps, the held-out evaluation and the losses of both objectives."""
-
-    def __init__(
-        self,
-        config: FinetuneConfig,
-        objective: Objective,
-        world: World,
-        engine: Any,
-        data: Data,
-        accumulation: int,
-        monitor: Monitor,
-        run_dir: Path,
-        flag: PreemptionFlag,
-        checkpointer: Checkpointer,
-    ):
-        self.config, self.objective, self.world, self.engine = config, objective, world, engine
-        self.data, self.accumulation, self.monitor = data, accumulation, monitor
-        self.run_dir, self.flag, self.checkpointer = run_dir, flag, checkpointer
-        _, self.data_config, self.train_config = config.training()
-        self.loss = loss_function(config)
-        # Models with experts add their router losses and report their balance, as in pretraining.
-        self.experts = (
-            ExpertLoadTracker(config.monitor.experts, config.monitor.log_interval, monitor.alert)
-            if hasattr(engine.module, "router_stats")
-            else None
-        )
-        # Padding positions are a document of their own with no targets: their ids never matter.
-        self.pad_id = 0
-        self.names = SFT_SUMS if objective == "sft" else DPO_SUMS
-
-    # -- losses ----------------------------------------------------------------------------
-
-    def _losses(
-        self, batch: Batch, units: list[Unit], reference_offset: int, sums: Sums
-    ) -> torch.Tensor:
-        """The summed loss of ``batch`` (token losses for SFT, pair losses for DPO); adds its figures to ``sums``."""
-        logits_BTV = self.engine(batch.input_ids_BT, batch.document_ids_BT)
-        token_loss_BT = self.loss(logits_BTV, batch.labels_BT)
-        if self.objective == "sft":
-            loss = token_loss_BT.sum()
-            sums.add(loss=loss.detach(), targets=batch.targets, tokens=batch.tokens)
-            return loss
-        logps_S = segment_logps(token_loss_BT, batch)
-        chosen_P, rejected_P = logps_S[0::2], logps_S[1::2]
-        reference = self.data.reference[[reference_offset + u for u in batch.units]].to(
-            logps_S.device
-        )
-        beta = self.config.dpo.beta
-        chosen_reward_P = beta * (chosen_P - reference[:, 0])
-        rejected_reward_P = beta * (rejected_P - reference[:, 1])
-        margin_P = chosen_reward_P - rejected_reward_P
-        loss_P = -F.logsigmoid(margin_P)
-        figures_P = torch.stack(
-            [
-                loss_P,
-                margin_P,
-                (margin_P > 0).to(margin_P.dtype),
-                chosen_reward_P,
-                rejected_reward_P,
-            ]
-        )
-        loss_sum, margin, correct, chosen, rejected = figures_P.detach().sum(dim=1)
-        sums.add(
-            loss=loss_sum,
-            pairs=len(batch.units),
-            tokens=batch.tokens,
-            margin=margin,
-            correct=correct,
-            chosen=chosen,
-            rejected=rejected,
-        )
-        return loss_P.sum()
-
-    def _figures(self, sums: Sums, reduced: list[float]) -> dict[str, float]:
-        if self.objective == "sft":
-            return {"loss": sums.get(reduced, "loss") / max(sums.get(reduced, "targets"), 1)}
-        pairs = max(sums.get(reduced, "pairs"), 1)
-        return {
-            "loss": sums.get(reduced, "loss") / pairs,
-            "reward_margin": sums.get(reduced, "margin") / pairs,
-            "reward_accuracy": sums.get(reduced, "correct") / pairs,
-            "reward_chosen": sums.get(reduced, "chosen") / pairs,
-            "reward_rejected": sums.get(reduced, "rejected") / pairs,
-        }
-
-    # -- the loop ----------------------------------------------------------------------------
-
-    def run(self, state: TrainerState) -> TrainerState:
-        config, world, engine, plan = self.config, self.world, self.engine, self.data.plan
-        units = self.data.train
-        decay_start = decay_start_step(config.schedule, plan.steps, None)
-        while state.step < plan.steps:
-            started = time.perf_counter()
-            step = state.step
-            lr = learning_rate(step, plan.steps, config.optimizer, config.schedule, decay_start)
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr
-            sequences = plan.step_sequences(step)
-            # Normalise by the whole step's count, known from the plan: the gradient is then the
-            # mean over every trained token (SFT) or pair (DPO) of the global batch, however the
-            # sequences fall on ranks and micro-batches. DeepSpeed divides by ranks x micro-batches.
-            per_step = (
-                targets_in(units, sequences)
-                if self.objective == "sft"
-                else sum(1 for s in sequences for _ in s)
-            )
-            scale = world.size * self.accumulation / max(per_step, 1)
-            sums = Sums(self.names, self.world.device)
-            micro_batches = rank_micro_batches(
-                sequences, world.rank, world.size, self.train_config.micro_batch_size
-            )
-            for micro in micro_batches:
-                batch = collate(units, micro, self.data_config.max_length, self.pad_id).to(
-                    world.device
-                )
-                loss = self._losses(batch, units, 0, sums) * scale
-                if self.experts is not None:
-                    # Mixtral: the router's balance losses, a mean per micro-batch as in pretraining.
-                    loss = loss + engine.module.auxiliary_loss()
-                    self.experts.add(engine.module.router_stats())
-                engine.backward(loss)
-                engine.step()
-            stop = 1.0 if self.flag.received else 0.0
-            reduced = sums.reduce([stop])
-            stop_requested = reduced[-1] > 0
-            figures = self._figures(sums, reduced)
-            if self.experts is not None:
-                figures.update(self.experts.step_metrics(state.step + 1, world.device))
-            applied = engine.was_step_applied()
-            state.step += 1
-            state.consumed_samples += len([s for s in sequences if s])
-            state.skipped_steps += 0 if applied else 1
-            state.consumed_tokens_by_source["train"] += int(sums.get(reduced, "tokens"))
-            state.samples_by_source["train"] += sum(len(s) for s in sequences)
-            metrics = StepMetrics(
-                step=state.step,
-                total_steps=plan.steps,
-                phase=self.objective,
-                loss=figures.pop("loss"),
-                loss_by_source={},
-                lr=lr,
-                grad_norm=grad_norm(engine) if applied else None,
-                tokens=int(sums.get(reduced, "tokens")),
-                step_seconds=time.perf_counter() - started,
-                skipped=not applied,
-                consumed_tokens_by_source=dict(state.consumed_tokens_by_source),
-                extra=figures,
-            )
-            self.monitor.on_step(metrics)
-            if world.is_main:
-                append_metrics(self.run_dir / METRICS_FILE, metrics)
-            done = state.step == plan.steps
-            if self.data.held_out and (done or state.step % self.train_config.eval_interval == 0):
-                self.evaluate(state.step)
-            if done or stop_requested or state.step % config.checkpoint.interval == 0:
-                self.checkpointer.save(engine, state)
-            if stop_requested and not done:
-                raise Stopped(
-                    f"stopped after step {state.step} on {self.flag.received or 'a signal to another rank'}; "
-                    f"checkpoint saved in {self.checkpointer.directory}; rerun the same command to resume"
-                )
-        return state
-
-    @torch.no_grad()
-    def evaluate(self, step: int) -> dict[str, float]:
-        """Loss (and DPO reward figures) over the held-out examples, every rank a share."""
-        units = self.data.held_out
-        sums = Sums(self.names, self.world.device)
-        self.engine.eval()
-        for micro in _equal_shares(
-            evaluation_batches(
-                len(units),
-                [unit.length for unit in units],
-                self.data_config.max_length,
-                self.data_config.packing,
-                self.world.rank,
-                self.world.size,
-                self.train_config.micro_batch_size,
-            ),
-            self.world,
-        ):
-            batch = collate(units, micro, self.data_config.max_length, self.pad_id).to(
-                self.world.device
-            )
-            self._losses(batch, units, len(self.data.train), sums)
-        self.engine.train()
-        figures = self._figures(sums, sums.reduce())
-        self.monitor.record(
-            step, "held-out evaluation", {f"eval/{k}": v for k, v in figures.items()}
-        )
-        if self.world.is_main:
-            with (self.run_dir / EVAL_FILE).open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": step, **figures}) + "\n")
-        return figures
-
-
-def _equal_shares(
-    micro_batches: list[list[tuple[int, ...]]], world: World
-) -> list[list[tuple[int, ...]]]:
-    """Pad a rank's micro-batches with empty ones so every rank runs as many forwards (ZeRO-3 gathers in each)."""
-    count = torch.tensor([len(micro_batches)], device=world.device)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    return micro_batches + [[()]] * (int(count.item()) - len(micro_batches))
-
-
-def _reference_logps(
-    config: FinetuneConfig,
-    data: Data,
-    engine: Any,
-    world: World,
-    run_dir: Path,
-    resume_step: int | None,
-    logger: logging.Logger,
-) -> torch.Tensor:
-    """Log-probabilities (units, 2) of each pair's chosen and rejected answer under the reference.
-
-    Computed once, before the first step, with the starting weights (or ``dpo.reference``) and
-    saved in the run directory: a resumed run must not take its already-trained weights for
-    the reference.
-    """
-    path = run_dir / REFERENCE_FILE
-    units = data.train + data.held_out
-    if path.is_file():
-        stored = torch.load(path, weights_only=True)
-        if stored.shape == (len(units), 2):
-            return stored
-    if resume_step is not None:
-        raise KinoeError(
-            f"{path} is missing or does not match the data, and the run has checkpoints: the "
-            "reference log-probabilities of the starting model cannot be recomputed from trained "
-            "weights; restore the file or start a new run (checkpoint.resume=none with a new run.name)"
-        )
-    _, data_config, train_config = config.training()
-    reference = torch.zeros(len(units), 2, dtype=torch.float64)
-    scorer = engine
-    if config.dpo.reference is not None:
-        # The reference computes as the policy does (same training overrides), without adapters.
-        reference_model = config.model.model_copy(
-            update={"path": config.dpo.reference, "lora": LoraConfig()}
-        )
-        other = open_model_source(reference_model)
-        scorer = build_model(other, reference_model, 0, logger).to(world.device)
-        scorer = scorer.to(next(engine.module.parameters()).dtype)
-    scorer.eval()
-    loss = loss_function(config)
-    started = time.perf_counter()
-    with torch.no_grad():
-        shares = evaluation_batches(
-            len(units),
-            [u.length for u in units],
-            data_config.max_length,
-            data_config.packing,
-            world.rank,
-            world.size,
-            train_config.micro_batch_size,
-        )
-        for micro in _equal_shares(shares, world):
-            batch = collate(units, micro, data_config.max_length, 0).to(world.device)
-            logits_BTV = scorer(batch.input_ids_BT, batch.document_ids_BT)
-            token_loss_BT = loss(logits_BTV, batch.labels_BT)
-            logps_S = segment_logps(token_loss_BT.double(), batch).cpu()
-            for index, unit in enumerate(batch.units):
-                reference[unit] = logps_S[2 * index : 2 * index + 2]
-    engine.train()
-    reduced = reference.to(world.device)
-    dist.all_reduce(reduced)
-    reference = reduced.cpu()
-    if world.is_main:
-        torch.save(reference, path)
-        logger.info(
-            "reference log-probabilities of %d pairs computed in %.1f s",
-            len(units),
-            time.perf_counter() - started,
-        )
-    if scorer is not engine:
-        del scorer
-    return reference
-
-
 def _write_output(config: FinetuneConfig, source, weights, run_dir: Path, logger) -> dict[str, Any]:
     """The trained model as a verified Hugging Face directory in ``<run dir>/model``."""
-    from pretrain.convert.hf_write import write_hf_directory
-    from pretrain.convert.verify import stored_dtypes, verify
+    from convert.hf_write import write_hf_directory
+    from convert.verify import stored_dtypes, verify
 
     model_path = Path(config.model.path)
     dtype = config.output.dtype

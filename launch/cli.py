@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "pretrain Mistral under DeepSpeed ZeRO with phased data mixtures (resumes from latest)",
     ),
     "convert": (
-        "pretrain.convert.cli",
+        "convert.cli",
         "convert DeepSpeed checkpoints to verified Hugging Face models, and Hugging Face models back in",
     ),
     "finetune": (

@@ -6,8 +6,9 @@ the scripts in ``launch/slurm/`` to ``sbatch --parsable`` and returns the job id
 job can wait for (``dependency``). ``run_status`` reads a stage's run manifest; train.sbatch asks
 it (``python -m launch.jobs status COMMAND CONFIG [key=value ...]``) after the trainers exit, to
 requeue only a run that saved a checkpoint and stopped; stage.sbatch asks ``python -m launch.jobs
-wait ...`` to stay until the SLURM arrays of a datatrove stage completed its run.
-docs/cluster.md describes the scripts.
+wait ...`` (``wait_for_run``) to stay until the SLURM arrays of a datatrove stage completed its
+run. ``queued_jobs`` asks squeue which jobs are still there (``kinoe pipeline`` asks it too, before
+submitting again). docs/cluster.md describes the scripts.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
@@ -302,6 +304,78 @@ def run_status(command: str, config: Path | str, overrides: Sequence[str] = ()) 
     return manifest.status if manifest is not None else None
 
 
+def queued_jobs(job_ids: set[str]) -> set[str] | None:
+    """Which of ``job_ids`` (or of their array tasks) are still queued or running; None when
+    squeue cannot answer."""
+    if shutil.which("squeue") is None:
+        return None
+    try:
+        listing = subprocess.run(
+            ["squeue", "--me", "--noheader", "--format=%i"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    if listing.returncode != 0:
+        return None
+    active = {entry.split("_")[0] for entry in listing.stdout.split()}
+    return job_ids & active
+
+
+def wait_for_run(
+    command: str,
+    config: str,
+    overrides: Sequence[str] = (),
+    poll_s: float = 60.0,
+    queued: Callable[[set[str]], set[str] | None] = queued_jobs,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Wait until the run ``kinoe COMMAND -c CONFIG`` writes is no longer submitted or running.
+
+    For stages that hand their work to SLURM arrays (``kinoe data``, ``tokenizer encode`` with
+    ``executor.kind: slurm``): their last job completes the manifest. 0 once it is complete;
+    1 when it failed, or when its jobs all left the queue without completing it.
+    """
+    run_dir = run_directory_of(command, config, overrides)
+    jobs: set[str] = set()
+    announced = None
+    gone_before = False
+    while True:
+        manifest = read_manifest(run_dir)
+        status = manifest.status if manifest is not None else "none"
+        if status == "complete":
+            print(f"kinoe stage: {run_dir} is complete", flush=True)
+            return 0
+        if status not in ("submitted", "running"):
+            print(f"kinoe stage: {run_dir} did not complete (status {status})", flush=True)
+            return 1
+        if status == "submitted":
+            jobs |= {str(job) for job in manifest.summary.get("jobs", [])}
+        if announced != status:
+            print(
+                f"kinoe stage: {run_dir} is {status}; waiting for jobs {', '.join(sorted(jobs)) or '(none named)'} "
+                "(until this job's time limit)",
+                flush=True,
+            )
+            announced = status
+        active = queued(jobs) if jobs else None
+        if active is not None and not active:
+            if gone_before:  # read twice: the last job may have completed it in between
+                print(
+                    f"kinoe stage: the jobs of {run_dir} ({', '.join(sorted(jobs))}) left the queue "
+                    f"without completing it (status {status}); see their logs under {run_dir}",
+                    flush=True,
+                )
+                return 1
+            gone_before = True
+        else:
+            gone_before = False
+        sleep(poll_s)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """What the batch scripts ask, ``python -m launch.jobs ACTION COMMAND CONFIG [key=value ...]``:
 
@@ -321,8 +395,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.action == "wait":
-            from launch.pipeline import wait_for_run
-
             poll_s = float(os.environ.get("KINOE_STAGE_POLL_SECONDS", "60"))
             return wait_for_run(args.command, args.config, args.overrides, poll_s=poll_s)
         print(run_status(args.command, args.config, args.overrides) or "none")

@@ -1,11 +1,21 @@
 """What ``kinoe preflight`` measures on the machine: memory capacity and peak, the worst-case
-micro-batch's step times, and where the engine's parameters and optimizer states live.
+micro-batch's step times, and where the engine's parameters and optimizer states live; and what
+the measurement runs: the worst-case micro-batch and the DeepSpeed config of the measured step.
 
 On a GPU, memory is the device's: capacity is its total (or ``--memory-gb``, to which the
 caching allocator is then capped), the peak is what the allocator reserved at most plus what
 lies outside it (CUDA context, NCCL), read from the driver. On CPU, standing in for a GPU in
 tests and on workstations, it is the process's: capacity is what it holds plus the RAM
 available to each local rank (or ``--memory-gb``), the peak its peak resident set.
+
+The worst-case micro-batch: every sample is ``data.seq_len`` tokens (documents are packed), so
+length cannot vary; what varies with the data is where documents end. With document masking,
+attention cost grows with the square of each document's length (FlexAttention skips blocks
+across documents, flash-attn runs each document on its own) and a sample filled by one document
+costs the most; SDPA's dense mask and unmasked attention cost the same whatever the documents.
+So the measured batch is ``train.micro_batch_size`` samples of one document each (no EOS): an
+upper bound for every phase. The report names the phase whose sources hold the longest
+documents, where such samples are likeliest, and notes when no document fills a sample.
 """
 
 from __future__ import annotations
@@ -24,8 +34,13 @@ import torch.distributed as dist
 from eval.placement import inspect_placement
 from pretrain.config import PretrainConfig
 from pretrain.data import make_batch
-from pretrain.engine import World, build_engine
-from pretrain.trainer import build_model, loss_function, micro_batch_loss
+from pretrain.objective import LanguageModelling
+from pretrain.trainer import build_model
+from tokenizer.indexed import IndexedDataset
+from training.engine import build_engine
+from training.loop import micro_step
+from training.losses import token_loss_function
+from training.world import World
 
 GiB = 2**30
 
@@ -55,6 +70,11 @@ def _process_resident_bytes() -> int:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name (``NVIDIA H200``), or ``cpu``."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def capacity_bytes(device: torch.device, memory_gb: float | None) -> tuple[int, str]:
@@ -113,6 +133,27 @@ def reduce_min(value: int, device: torch.device) -> int:
     return int(_reduce(value, device, dist.ReduceOp.MIN))
 
 
+def worst_case(config: PretrainConfig, sources) -> dict[str, Any]:
+    """The phase whose sources hold the longest document, and the batch that is measured."""
+    longest_by_source = {}
+    for source in sources:
+        lengths = [IndexedDataset(prefix).sequence_lengths for prefix in source.prefixes]
+        longest_by_source[source.name] = max((int(x.max()) for x in lengths if len(x)), default=0)
+    by_phase = {
+        phase.name: max(longest_by_source[name] for name in phase.mixture)
+        for phase in config.data.phases
+    }
+    phase = max(by_phase, key=lambda name: by_phase[name])
+    return {
+        "phase": phase,
+        "longest_document_tokens": by_phase[phase],
+        "longest_document_by_phase": by_phase,
+        "document_masking": config.data.document_masking,
+        "batch": f"{config.train.micro_batch_size} x {config.data.seq_len} tokens, "
+        "one document per sample",
+    }
+
+
 def worst_case_batch(config: PretrainConfig, eos_id: int, vocab_size: int, seed: int = 0):
     """``micro_batch_size`` samples of ``seq_len`` tokens, each one document (no EOS inside)."""
     rng = np.random.default_rng(seed)
@@ -127,6 +168,36 @@ def worst_case_batch(config: PretrainConfig, eos_id: int, vocab_size: int, seed:
         eos_id,
         config.data.document_masking,
     )
+
+
+def measurement_deepspeed_config(
+    config: PretrainConfig, world, accumulation: int
+) -> dict[str, Any]:
+    """The run's DeepSpeed config (overrides included) with ``accumulation`` micro-batches a step."""
+    from training.engine import deepspeed_config
+
+    batch = config.train.micro_batch_size * world.size * accumulation
+    measured = config.model_copy(
+        update={"train": config.train.model_copy(update={"global_batch_size": batch})}
+    )
+    ds_config = deepspeed_config(measured, world)
+    ds_config.update(
+        train_micro_batch_size_per_gpu=config.train.micro_batch_size,
+        gradient_accumulation_steps=accumulation,
+        train_batch_size=batch,
+    )
+    return ds_config
+
+
+def offload_devices(ds_config: dict[str, Any]) -> list[str]:
+    """What the DeepSpeed config offloads off the GPU: ``optimizer to cpu``, ``parameters to nvme``."""
+    zero = ds_config.get("zero_optimization", {})
+    offloaded = []
+    for key, what in (("offload_optimizer", "optimizer"), ("offload_param", "parameters")):
+        target = str((zero.get(key) or {}).get("device", "none")).lower()
+        if target not in ("none", ""):
+            offloaded.append(f"{what} to {target}")
+    return offloaded
 
 
 def _on(tensor_device: torch.device, device: torch.device) -> bool:
@@ -223,14 +294,13 @@ def measure(
         model = build_model(config, args, world, logger)
         engine = build_engine(model, config, ds_config)
         batch = worst_case_batch(config, eos_id, min(vocab_size, args.vocab_size)).to(device)
-        loss_fn = loss_function(config)
+        objective = LanguageModelling(["worst_case"], token_loss_function(config.engine))
+        sums = torch.zeros(objective.num_sums, dtype=torch.float64, device=device)
         for step in range(options.warmup + options.steps):
             for micro in range(accumulation):
                 _synchronize(device)
                 started = time.perf_counter()
-                loss, _, _ = micro_batch_loss(engine, batch, loss_fn)
-                engine.backward(loss)
-                engine.step()
+                loss = micro_step(engine, objective, batch, sums)
                 _synchronize(device)
                 elapsed = time.perf_counter() - started
                 losses.append(loss.item())

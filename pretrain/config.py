@@ -1,18 +1,25 @@
-"""The ``kinoe pretrain`` config: model, data mixture and phases, batch, optimizer, schedule,
-engine, checkpoints, monitoring."""
+"""The ``kinoe pretrain`` config: model, data mixture and phases, batch; the optimizer, schedule,
+engine, checkpoint, monitor and drill sections are the training core's (``training.config``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from common.config import Config
 from common.run import StageConfig
+from models import FAMILIES, ModelFamily
 from pretrain.data.config import DataConfig
-from pretrain.models import FAMILIES, ModelFamily
-from pretrain.monitor import MonitorConfig
+from training.config import (
+    CheckpointConfig,
+    DrillConfig,
+    EngineConfig,
+    MonitorConfig,
+    OptimizerConfig,
+    ScheduleConfig,
+)
 
 
 class ModelConfig(Config):
@@ -60,85 +67,6 @@ class TrainConfig(Config):
     )
     micro_batch_size: int = Field(gt=0, description="Sequences per forward pass on one rank")
     seed: int = Field(1234, description="Seeds model initialisation")
-
-
-class OptimizerConfig(Config):
-    """AdamW; weight decay applies to matrices only (not norms or the embedding)."""
-
-    lr: float = Field(3e-4, gt=0, description="Peak learning rate")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of lr")
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-
-    @field_validator("betas")
-    @classmethod
-    def _in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
-        if not all(0 <= beta < 1 for beta in betas):
-            raise ValueError(f"betas must each be in [0, 1), got {list(betas)}")
-        return betas
-
-
-class ScheduleConfig(Config):
-    """Learning rate over steps: linear warmup, then warmup-stable-decay or cosine."""
-
-    kind: Literal["wsd", "cosine"] = "wsd"
-    warmup_steps: int = Field(0, ge=0)
-    decay_start: float | None = Field(
-        None,
-        ge=0,
-        lt=1,
-        description="wsd: fraction of training where the decay begins; default: where the last "
-        "data phase starts (the post-training mix), else 0.8",
-    )
-    decay_shape: Literal["linear", "cosine"] = "linear"
-
-
-class EngineConfig(Config):
-    """DeepSpeed: ZeRO stage, precision, clipping, and what is applied to the model from outside."""
-
-    zero_stage: Literal[1, 2, 3] = 2
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 on GPUs, fp32 on CPU"
-    )
-    gradient_clipping: float = Field(1.0, ge=0, description="Max global grad norm; 0: off")
-    activation_checkpointing: bool = False
-    compile: bool = Field(False, description="torch.compile each decoder block")
-    deepspeed: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Raw DeepSpeed JSON merged over the generated config (recorded in deepspeed.json)",
-    )
-
-
-class CheckpointConfig(Config):
-    """When to save, what to keep, where to resume from."""
-
-    interval: int = Field(1000, gt=0, description="Save every this many steps (and at the end)")
-    keep_last: int = Field(2, ge=1, description="Most recent checkpoints kept")
-    keep_every: int | None = Field(
-        None, gt=0, description="Also keep checkpoints at multiples of this step count"
-    )
-    resume: Literal["latest", "none"] | int = Field(
-        "latest", description="latest, none (start over is refused if checkpoints exist), or a step"
-    )
-    directory: Path | None = Field(None, description="Default: <run dir>/checkpoints")
-    load_universal: bool = Field(
-        False, description="Resume from a DeepSpeed universal checkpoint (any world size)"
-    )
-
-
-class DrillConfig(Config):
-    """Fault drills: inject failures on purpose to prove alerting and recovery work."""
-
-    nan_at_steps: list[int] = Field(
-        default_factory=list, description="Make the loss of these steps NaN (steps are 1-based)"
-    )
-    crash_in_checkpoint_at_step: int | None = Field(
-        None, description="Kill every rank mid-way through writing this step's checkpoint"
-    )
-    record_samples: bool = Field(
-        False, description="Write each rank's consumed sample positions to <run dir>/samples/"
-    )
 
 
 class PretrainConfig(StageConfig):

@@ -105,8 +105,8 @@ def kinoe_model_dir(pretrain_shards, tmp_path_factory) -> Path:
     from test_pretrain_train import launch, run_dir, write_config
 
     from common.run import run_stage
-    from pretrain.convert.cli import STEPS as CONVERT_STEPS
-    from pretrain.convert.config import ConvertConfig
+    from convert.cli import STEPS as CONVERT_STEPS
+    from convert.config import ConvertConfig
     from tokenizer.chat import CHAT_TEMPLATE
     from tokenizer.hf_export import export_hf_tokenizer
 

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from common.run import run_stage
-from data_prep.normalise import normalise_preset, normalise_text
+from data_prep.normalise import normalise_text
+from data_prep.source_presets import source_preset
 from tokenizer.cli import STEPS, model_path, shards_path
 from tokenizer.config import TokenizerConfig
 
@@ -28,7 +29,7 @@ def _write_documents(shared: Path, folder: Path) -> None:
             gzip.open(folder / f"{name}.jsonl.gz", "wt", encoding="utf-8") as target,
         ):
             for record in map(json.loads, source):
-                text = normalise_text(record["text"], normalise_preset(name))
+                text = normalise_text(record["text"], source_preset(name).normalise)
                 if text:
                     document = {"id": record["id"], "text": text, "source": name, "metadata": {}}
                     target.write(json.dumps(document, ensure_ascii=False) + "\n")

@@ -21,18 +21,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from common.errors import KinoeError
 from common.manifest import read_manifest
 from common.run import load_stage_config, run_stage
-from pretrain.checkpoint import TrainerState
+from convert.cli import STEPS, step_dir
+from convert.config import ConvertConfig
+from convert.consolidate import deepspeed_tensors, resolve_tag
+from convert.initial import load_initial_weights
+from convert.sources import inference_args
+from convert.texts import load_texts
+from convert.verify import VerificationFailed
+from models import FAMILIES
 from pretrain.config import ModelConfig
-from pretrain.convert.cli import STEPS, step_dir
-from pretrain.convert.config import ConvertConfig
-from pretrain.convert.consolidate import deepspeed_tensors, resolve_tag
-from pretrain.convert.initial import load_initial_weights
-from pretrain.convert.sources import inference_args
-from pretrain.convert.texts import load_texts
-from pretrain.convert.verify import VerificationFailed
-from pretrain.models import FAMILIES
 from tokenizer.chat import CHAT_TEMPLATE, TURN_END, TURN_START
 from tokenizer.hf_export import export_hf_tokenizer
+from training.checkpoint import TrainerState
 
 from conftest import REPO, SHARED_DATA
 

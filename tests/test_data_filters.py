@@ -19,15 +19,18 @@ from datatrove.data import Document
 from datatrove.pipeline.writers import JsonlWriter
 from pydantic import ValidationError
 
-from data_prep.filters import (
-    PRESETS,
+from data_prep.filter_rules import QualityConfig
+from data_prep.filter_steps import (
     CharacterFilter,
     EllipsisFilter,
     LengthFilter,
     NgWordFilter,
-    QualityConfig,
     RepetitionFilter,
     SentenceFilter,
+    quality_steps,
+)
+from data_prep.source_presets import PRESET_NAMES, source_preset
+from data_prep.text_scores import (
     character_fractions,
     duplicate_line_fractions,
     duplicate_ngram_char_fractions,
@@ -35,7 +38,6 @@ from data_prep.filters import (
     load_ng_words,
     ng_char_fraction,
     ng_word_pattern,
-    quality_steps,
     sentence_stats,
     top_ngram_char_fractions,
     without_whitespace,
@@ -44,7 +46,7 @@ from data_prep.filters import (
 # A real FineWeb-2 page (a blog post on protecting children's personal data): 487 characters,
 # 8 lines, every line a sentence ending in 。.
 SCHOOL_PAGE_ID = "<urn:uuid:6728a18b-5607-4bf5-8044-823c38600b66>"
-RULES = {"web": PRESETS["web"], "wikipedia": PRESETS["wikipedia"]}
+RULES = {"web": source_preset("web").filters, "wikipedia": source_preset("wikipedia").filters}
 
 
 def read_records(path: Path) -> list[dict]:
@@ -157,7 +159,7 @@ def test_katakana_spam_fails_the_katakana_fraction(page):
     spam = "ダウンロードキャンペーンポイントプレゼントクリックランキング"
     stuffed = page + spam * (len(page) * 3 // 2 // len(spam))
     fractions = character_fractions(stuffed)
-    assert fractions["hiragana_fraction"] >= PRESETS["web"].characters.min_hiragana_fraction
+    assert fractions["hiragana_fraction"] >= RULES["web"].characters.min_hiragana_fraction
     assert removal_reason(step, stuffed).startswith("katakana_fraction")
     # The page written in katakana only has no hiragana left: the hiragana check catches it first.
     assert removal_reason(step, to_katakana(page)).startswith("hiragana_fraction")
@@ -220,7 +222,7 @@ def test_ng_words_fail_the_ng_word_rule(page):
 
 
 def test_a_disabled_rule_keeps_everything_and_records_nothing():
-    config = PRESETS["web"].model_copy(deep=True)
+    config = source_preset("web").filters
     config.characters.enabled = False
     step = CharacterFilter({"web": config})
     doc = document("Plain English text with no Japanese at all.")
@@ -371,7 +373,7 @@ def test_ng_word_list_is_bundled_and_replaceable(tmp_path):
 
     custom = tmp_path / "ng.txt"
     custom.write_text("# our own list\n激安\n", encoding="utf-8")
-    config = PRESETS["web"].model_copy(deep=True)
+    config = source_preset("web").filters
     config.ng_words.word_list = custom
     step = NgWordFilter({"web": config})
     verdict = step.filter(document("激安" * 10 + "のお店です。"))
@@ -379,7 +381,7 @@ def test_ng_word_list_is_bundled_and_replaceable(tmp_path):
 
 
 def test_config_mistakes_are_caught_where_they_enter(tmp_path):
-    data = PRESETS["web"].model_dump()
+    data = RULES["web"].model_dump()
     with pytest.raises(ValidationError, match="min_hiragana"):
         QualityConfig.model_validate(
             {**data, "characters": {**data["characters"], "min_hiragana": 0.1}}
@@ -397,8 +399,8 @@ def test_config_mistakes_are_caught_where_they_enter(tmp_path):
 
 
 def test_presets_filter_web_harder_than_wikipedia():
-    assert set(PRESETS) >= {"web", "wikipedia", "literature"}
-    web, wikipedia = PRESETS["web"], PRESETS["wikipedia"]
+    assert set(PRESET_NAMES) >= {"web", "wikipedia", "literature"}
+    web, wikipedia = RULES["web"], RULES["wikipedia"]
     assert web.length.min_chars > wikipedia.length.min_chars
     assert web.characters.max_katakana_fraction < wikipedia.characters.max_katakana_fraction
     assert web.sentences.max_sentence_chars < wikipedia.sentences.max_sentence_chars

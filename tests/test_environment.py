@@ -11,7 +11,18 @@ from packaging.requirements import Requirement
 
 from conftest import REPO
 
-STAGE_PACKAGES = ("common", "data_prep", "tokenizer", "pretrain", "finetune", "eval", "launch")
+STAGE_PACKAGES = (
+    "common",
+    "data_prep",
+    "tokenizer",
+    "models",
+    "training",
+    "pretrain",
+    "convert",
+    "finetune",
+    "eval",
+    "launch",
+)
 
 
 def pyproject() -> dict:

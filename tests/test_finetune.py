@@ -483,9 +483,9 @@ def test_mixtral_lora_reports_expert_balance_and_merges(kinoe_model_dir, tmp_pat
     from safetensors.torch import load_file
     from test_pretrain_train import launch
 
-    from pretrain.convert.hf_write import write_hf_directory
-    from pretrain.convert.sources import module_source
-    from pretrain.models import FAMILIES
+    from convert.hf_write import write_hf_directory
+    from convert.sources import module_source
+    from models import FAMILIES
 
     family = FAMILIES["mixtral"]
     args = family.presets["mixtral_tiny"]()

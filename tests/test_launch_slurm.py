@@ -29,7 +29,7 @@ from launch.jobs import (
     submit,
     time_limit_seconds,
 )
-from pretrain.checkpoint import STATE_FILE
+from training.checkpoint import STATE_FILE
 
 from slurm_cluster import FINAL_STATES
 

@@ -15,7 +15,7 @@ import yaml
 
 from common.manifest import Manifest, read_manifest, write_manifest
 from launch.cli import main as kinoe
-from launch.pipeline import wait_for_run
+from launch.jobs import wait_for_run
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_CONFIG = str(REPO / "configs" / "data" / "quickstart.yaml")

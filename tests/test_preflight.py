@@ -27,7 +27,7 @@ from launch.memory_estimate import (
     memory_fixes,
     model_state_bytes,
 )
-from launch.preflight import retained_checkpoints
+from launch.preflight_disk import retained_checkpoints
 from launch.preflight_measure import inspect_engine_placement, worst_case_batch
 from pretrain.config import CheckpointConfig, PretrainConfig
 from tokenizer.indexed import IndexedDatasetWriter, tokenizer_sha256, write_shard_set_metadata

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from common.errors import KinoeError
-from pretrain.models.mistral.args import MistralArgs, tiny
-from pretrain.models.mistral.model import Mistral
-from pretrain.models.mistral.state_dict import hf_config, to_hf
+from models.mistral.args import MistralArgs, tiny
+from models.mistral.model import Mistral
+from models.mistral.state_dict import hf_config, to_hf
 
 BATCH, SEQ_LEN, WINDOW = 2, 48, 12  # 48: not a multiple of FlexAttention's 128-token blocks
 # (with documents, sliding window): every combination the trainer can ask for.

@@ -6,12 +6,13 @@ import itertools
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from common.errors import ConfigError
 from common.run import load_stage_config
 from pretrain.config import OptimizerConfig, PretrainConfig, ScheduleConfig
-from pretrain.schedule import decay_start_step, learning_rate
+from training.schedule import decay_start_step, learning_rate
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "pretrain"
 
@@ -45,6 +46,21 @@ def write(tmp_path: Path, **changes) -> Path:
         ({"model.overrides": {"attention": "xformers"}}, "attention"),
         ({"schedule.warmup_steps": 200}, "must be below train.steps"),
         ({"engine.zero_stage": 4}, "zero_stage"),
+        (
+            {"engine.deepspeed": {"train_micro_batch_size_per_gpu": 8}},
+            "in 'engine.deepspeed': train_micro_batch_size_per_gpu is derived by kinoe "
+            "and cannot be set here; set train.micro_batch_size instead",
+        ),
+        (
+            {"engine.deepspeed": {"zero_optimization": {"stage": 3, "overlap_comm": False}}},
+            "zero_optimization.stage is derived by kinoe and cannot be set here; set "
+            "engine.zero_stage instead",
+        ),
+        ({"engine.deepspeed": {"bf16": {"enabled": False}}}, "set engine.precision instead"),
+        (
+            {"engine.deepspeed": {"gradient_accumulation_steps": 4}},
+            "set train.global_batch_size (accumulation follows from it) instead",
+        ),
     ],
 )
 def test_config_errors_are_one_line_and_name_the_key(tmp_path, changes, expected):
@@ -53,6 +69,18 @@ def test_config_errors_are_one_line_and_name_the_key(tmp_path, changes, expected
     message = str(error.value)
     assert expected in message, message
     assert len(message.splitlines()) == 1 and str(tmp_path) in message
+
+
+def test_engine_deepspeed_still_tunes_what_kinoe_does_not_derive(tmp_path):
+    from training.engine import deepspeed_config
+    from training.world import World
+
+    raw = {"zero_optimization": {"reduce_bucket_size": 2e8}, "activation_checkpointing": {}}
+    config = load_stage_config(PretrainConfig, write(tmp_path, **{"engine.deepspeed": raw}))
+    generated = deepspeed_config(config, World(0, 0, 1, torch.device("cpu")))
+    assert generated["zero_optimization"]["reduce_bucket_size"] == 2e8
+    assert generated["zero_optimization"]["stage"] == config.engine.zero_stage
+    assert generated["activation_checkpointing"] == {}
 
 
 def test_wsd_warms_up_holds_then_decays_with_the_last_phase():

@@ -11,11 +11,13 @@ import transformers
 from pydantic import ValidationError
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from pretrain.models.mistral.args import mistral_1b
-from pretrain.models.mixtral import PRESETS, Mixtral, MixtralArgs
-from pretrain.models.mixtral.args import mixtral_1b_active, mixtral_8x7b, mixtral_tiny
-from pretrain.models.mixtral.moe import MoE
-from pretrain.models.mixtral.state_dict import from_hf, hf_config, to_hf
+from models.experts import ExpertModel
+from models.mistral import Mistral
+from models.mistral.args import mistral_1b, tiny
+from models.mixtral import PRESETS, Mixtral, MixtralArgs
+from models.mixtral.args import mixtral_1b_active, mixtral_8x7b, mixtral_tiny
+from models.mixtral.moe import MoE
+from models.mixtral.state_dict import from_hf, hf_config, to_hf
 
 
 def _args(**changes) -> MixtralArgs:
@@ -29,7 +31,7 @@ def _model(args: MixtralArgs, seed: int = 0) -> Mixtral:
 
 def _moe(seed: int = 0, **changes) -> MoE:
     """A tiny model's MoE layer, its weights initialised as in the model."""
-    return _model(_args(num_layers=1, **changes), seed).layers[0].moe
+    return _model(_args(num_layers=1, **changes), seed).layers[0].feed_forward
 
 
 def _skewed_input(moe: MoE, preference: list[float], tokens: int, noise: float = 0.1):
@@ -208,6 +210,7 @@ def test_auxiliary_loss_and_router_stats():
     tokens_BT = torch.randint(0, 2048, (2, 32), generator=torch.Generator().manual_seed(7))
     model(tokens_BT)
     moes = model.moe_modules()
+    assert isinstance(model, ExpertModel) and not isinstance(Mistral(tiny()), ExpertModel)
     assert len(moes) == 2 and all(isinstance(moe, MoE) for moe in moes)
     aux = sum(moe.aux_loss for moe in moes) / 2
     z = sum(moe.z_loss for moe in moes) / 2
@@ -217,14 +220,14 @@ def test_auxiliary_loss_and_router_stats():
     assert all(moe.router.weight.grad.abs().sum() > 0 for moe in moes)
 
     stats = model.router_stats()
-    assert stats["load_L_E"].shape == (2, 4)
-    assert not stats["load_L_E"].requires_grad
-    assert torch.allclose(stats["load_L_E"].sum(-1), torch.ones(2))
-    assert torch.equal(stats["load_L_E"][1], moes[1].tokens_per_expert_E / 128)
-    assert stats["aux_loss"] == pytest.approx(aux.item(), rel=1e-6)
-    assert stats["z_loss"] == pytest.approx(z.item(), rel=1e-6)
-    assert stats["dropped_tokens"] == moes[0].dropped_tokens + moes[1].dropped_tokens
-    assert isinstance(stats["dropped_tokens"], int)
+    assert stats.load_LE.shape == (2, 4)
+    assert not stats.load_LE.requires_grad
+    assert torch.allclose(stats.load_LE.sum(-1), torch.ones(2))
+    assert torch.equal(stats.load_LE[1], moes[1].tokens_per_expert_E / 128)
+    assert stats.aux_loss == pytest.approx(aux.item(), rel=1e-6)
+    assert stats.z_loss == pytest.approx(z.item(), rel=1e-6)
+    assert stats.dropped_tokens == moes[0].dropped_tokens + moes[1].dropped_tokens
+    assert isinstance(stats.dropped_tokens, int)
 
 
 def _coefficient_of_variation(load_L_E: torch.Tensor) -> float:
@@ -251,9 +254,9 @@ def _train_skewed_routers(aux_coef: float, steps: int = 30) -> tuple[float, floa
         tokens_BT = torch.randint(0, 2048, (4, 32), generator=generator)
         logits_BTV = model(tokens_BT)
         if step == 0:
-            before = _coefficient_of_variation(model.router_stats()["load_L_E"])
+            before = _coefficient_of_variation(model.router_stats().load_LE)
         if step == steps:
-            return before, _coefficient_of_variation(model.router_stats()["load_L_E"])
+            return before, _coefficient_of_variation(model.router_stats().load_LE)
         lm_loss = F.cross_entropy(logits_BTV[:, :-1].flatten(0, 1), tokens_BT[:, 1:].flatten())
         optimizer.zero_grad()
         (lm_loss + model.auxiliary_loss()).backward()
@@ -350,7 +353,9 @@ def test_parameter_counts_match_module(tie_embeddings):
     idle_experts = args.num_layers * (4 - 2) * 3 * 64 * 128
     assert args.num_active_parameters() == args.num_parameters() - idle_experts
     two_experts = args.num_layers * 2 * 3 * 64 * 128  # gate, up and down, in each layer
-    not_experts = sum(p.numel() for name, p in model.named_parameters() if ".moe.w_" not in name)
+    not_experts = sum(
+        p.numel() for name, p in model.named_parameters() if ".feed_forward.w_" not in name
+    )
     assert args.num_active_parameters() == not_experts + two_experts
 
 

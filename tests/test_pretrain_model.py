@@ -7,10 +7,10 @@ import torch
 import transformers
 from pydantic import ValidationError
 
-from pretrain.models.masks import attention_mask, positions_from_documents
-from pretrain.models.mistral.args import MistralArgs, mistral_1b, tiny
-from pretrain.models.mistral.model import Mistral
-from pretrain.models.mistral.state_dict import from_hf, hf_config, to_hf
+from models.masks import attention_mask, positions_from_documents
+from models.mistral.args import MistralArgs, mistral_1b, tiny
+from models.mistral.model import Mistral
+from models.mistral.state_dict import from_hf, hf_config, to_hf
 
 
 def _args(**changes) -> MistralArgs:

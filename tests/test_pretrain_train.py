@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from common.manifest import read_manifest
-from pretrain.checkpoint import LATEST, STATE_FILE
+from training.checkpoint import LATEST, STATE_FILE
 
 from wandb_records import offline_runs, records_of
 
@@ -281,10 +281,10 @@ def test_document_masking_gives_the_loss_of_separate_documents(shards):
     """A packed real sample's per-token losses equal those of each document run on its own."""
     import torch
 
+    from models.mistral import Mistral
+    from models.mistral.args import tiny
     from pretrain.data import DataConfig, SampleOrder, build_loader, open_sources
-    from pretrain.models.mistral import Mistral
-    from pretrain.models.mistral.args import tiny
-    from pretrain.trainer import next_token_losses
+    from training.losses import next_token_losses
 
     data = DataConfig.model_validate(
         {

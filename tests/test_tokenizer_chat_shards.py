@@ -15,7 +15,8 @@ import yaml
 from common.errors import ConfigError, KinoeError
 from common.manifest import Manifest, read_manifest, write_manifest
 from common.run import load_stage_config, run_stage
-from data_prep.normalise import normalise_preset, normalise_text
+from data_prep.normalise import normalise_text
+from data_prep.source_presets import source_preset
 from tokenizer.chat import TURN_END, TURN_START, rejection
 from tokenizer.cli import STEPS, hf_path, model_path, shards_path, step_dir
 from tokenizer.config import TokenizerConfig
@@ -125,7 +126,7 @@ def corpus(tmp_path_factory) -> dict:
         gzip.open(documents / "wikipedia.jsonl.gz", "wt", encoding="utf-8") as target,
     ):
         for record in map(json.loads, source):
-            text = normalise_text(record["text"], normalise_preset("wikipedia"))
+            text = normalise_text(record["text"], source_preset("wikipedia").normalise)
             if text:
                 document = {"id": record["id"], "text": text, "source": "wikipedia"}
                 target.write(json.dumps(document, ensure_ascii=False) + "\n")

@@ -15,7 +15,8 @@ import yaml
 from common.errors import ConfigError, KinoeError
 from common.run import load_stage_config, run_stage
 from data_prep.aozora import clean_aozora
-from data_prep.normalise import normalise_preset, normalise_text
+from data_prep.normalise import normalise_text
+from data_prep.source_presets import source_preset
 from tokenizer.chat import CHAT_TOKENS
 from tokenizer.cli import STEPS, hf_path, model_path, shards_path, step_dir
 from tokenizer.config import SampleConfig, TokenizerConfig
@@ -39,7 +40,7 @@ def documents(tmp_path_factory) -> Path:
     def write(name: str, preset: str, records: list[tuple[str, str]]) -> None:
         with gzip.open(folder / f"{name}.jsonl.gz", "wt", encoding="utf-8") as handle:
             for doc_id, text in records:
-                text = normalise_text(text, normalise_preset(preset))
+                text = normalise_text(text, source_preset(preset).normalise)
                 if text:
                     record = {"id": doc_id, "text": text, "source": name, "metadata": {}}
                     handle.write(json.dumps(record, ensure_ascii=False) + "\n")

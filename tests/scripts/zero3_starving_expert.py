@@ -12,7 +12,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pretrain.config import PretrainConfig
-from pretrain.engine import build_engine, deepspeed_config, init_distributed
+from training.engine import build_engine, deepspeed_config
+from training.world import init_distributed
 
 STARVED, MARKER = 3, 7  # expert 3 takes only token 7, which only rank 0 feeds
 
@@ -44,7 +45,7 @@ with torch.no_grad():
     embedding[:, 0] = 0.0
     embedding[MARKER] = u
     model.layers[0].attention.o_proj.weight.zero_()
-    router = model.layers[0].moe.router.weight
+    router = model.layers[0].feed_forward.router.weight
     router.zero_()
     router[STARVED] = 10.0 * (u - v)
 engine = build_engine(model, config, deepspeed_config(config, world))
@@ -56,7 +57,7 @@ for step in range(3):
         tokens[:, 5] = MARKER
     logits = engine(tokens[:, :-1])
     loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) + model.auxiliary_loss()
-    load = model.router_stats()["load_L_E"][0, STARVED].item()
+    load = model.router_stats().load_LE[0, STARVED].item()
     engine.backward(loss)
     engine.step()
     print(f"rank {world.rank} step {step} load {load:.4f} loss {loss.item():.4f}", flush=True)

@@ -1,0 +1,162 @@
+"""A sparse mixture of SwiGLU experts with a softmax top-k router, as in Mixtral.
+
+Tensor names end in their shape: T tokens (the model's batch and sequence flattened), D hidden
+size, F one expert's intermediate size, E experts, K experts per token (top_k), A = T * K
+token-to-expert assignments; 2F is an expert's gate and up projections stacked, gate first.
+
+Expert weights are stacked over experts in nn.Linear's (out, in) layout, as Hugging Face's
+``MixtralExperts`` stores them: ``w_gate_up_E2FD`` (E, 2F, D) and ``w_down_EDF`` (E, D, F).
+The grouped GEMM multiplies by their transposed views, column-major (E, in, out) operands,
+which torch's kernel takes without a copy. Gate and up are one tensor so that one grouped
+GEMM reads each token once for both, and so the Hugging Face conversion is only a rename.
+
+``torch.nn.functional.grouped_mm`` (``torch._grouped_mm``) as used here, in torch 2.13: a 2D
+(A, in) input whose rows are grouped by expert, a 3D (E, in, out) weight and ``offs``, the
+int32 cumulative group ends (E,). Every dimension with a stride must be a multiple of 16
+bytes (D and F divisible by 8 in bf16; MixtralArgs checks). On CUDA sm90/sm100 in bf16 it is
+one CUTLASS kernel with no host sync; for other dtypes, GPUs and on CPU it loops over groups
+inside ATen (one device-to-host copy of ``offs``), so the same code runs the CPU tests in
+float32. Groups may be empty or of any size (benchmarks/moe_check.py checks both on the GPU).
+Rows past ``offs[-1]`` are left uninitialised, which is why dropped assignments are cut off
+before the matmuls rather than parked at the end.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.mixtral.args import MixtralArgs
+
+
+class MoE(nn.Module):
+    """Each token through the softmax-weighted sum of its top_k experts' SwiGLU outputs.
+
+    Every forward overwrites these, read by the trainer after the forward: ``aux_loss`` and
+    ``z_loss`` (scalar float32, with grad), ``tokens_per_expert_E`` (int64 (E,), the
+    assignments the router made, dropped ones included) and ``dropped_tokens`` (int,
+    assignments over an expert's capacity).
+
+    Under ZeRO-3 the whole MoE must be a leaf module (``Mixtral.moe_modules``): the router's
+    weight is read here, in float32, not through ``router.forward``, whose hook would gather it.
+    """
+
+    def __init__(self, args: MixtralArgs):
+        super().__init__()
+        self.num_experts = args.num_experts
+        self.top_k = args.top_k
+        self.capacity_factor = args.capacity_factor
+        self.implementation = args.moe_implementation
+        hidden, intermediate, E = args.hidden_size, args.intermediate_size, args.num_experts
+        self.router = nn.Linear(hidden, E, bias=False)
+        self.w_gate_up_E2FD = nn.Parameter(torch.empty(E, 2 * intermediate, hidden))
+        self.w_down_EDF = nn.Parameter(torch.empty(E, hidden, intermediate))
+        self.aux_loss: torch.Tensor | None = None
+        self.z_loss: torch.Tensor | None = None
+        self.tokens_per_expert_E: torch.Tensor | None = None
+        self.dropped_tokens = 0
+
+    @torch.no_grad()
+    def init_weights(self, std: float, residual_std: float) -> None:
+        """Router Normal(0, std); each expert as Mistral's MLP (down projection residual_std)."""
+        nn.init.normal_(self.router.weight, mean=0.0, std=std)
+        nn.init.normal_(self.w_gate_up_E2FD, mean=0.0, std=std)
+        nn.init.normal_(self.w_down_EDF, mean=0.0, std=residual_std)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
+        E, K = self.num_experts, self.top_k
+        # Float32 logits: rounding them to bf16 would flip near-tied choices and blunt the
+        # z-loss; the router matmul is D x E, too small to matter for speed.
+        logits_TE = F.linear(x_TD.float(), self.router.weight.float())
+        probs_TE = logits_TE.softmax(dim=-1)
+        weights_TK, experts_TK = probs_TE.topk(K, dim=-1)
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+
+        # A comparison rather than bincount, which syncs with the host on CUDA to size its output.
+        expert_ids_E = torch.arange(E, device=x_TD.device)
+        routed_E = (experts_TK.flatten()[:, None] == expert_ids_E).sum(dim=0)
+        fraction_E = routed_E.float() / experts_TK.numel()
+        self.aux_loss = E * (fraction_E * probs_TE.mean(dim=0)).sum()
+        self.z_loss = logits_TE.logsumexp(dim=-1).square().mean()
+        self.tokens_per_expert_E = routed_E.detach()
+
+        dropped = 0
+        if self.capacity_factor is not None:
+            capacity = math.ceil(self.capacity_factor * experts_TK.numel() / E)
+            experts_TK, dropped = _drop_over_capacity(experts_TK, routed_E, capacity)
+        self.dropped_tokens = dropped
+
+        weights_TK = weights_TK.to(x_TD.dtype)
+        if self.implementation == "grouped":
+            out_TD = self._experts_grouped(x_TD, experts_TK, weights_TK, dropped)
+        else:
+            out_TD = self._experts_loop(x_TD, experts_TK, weights_TK)
+        return out_TD.view_as(x_BTD)
+
+    def _experts_grouped(
+        self, x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK: torch.Tensor, dropped: int
+    ) -> torch.Tensor:
+        """Sort assignments by expert, two grouped GEMMs over all experts, sum back per token.
+
+        Every expert's weights enter both GEMMs whatever its token count, so an expert with no
+        tokens still gets a (zero) gradient and ZeRO sees every parameter used each step.
+        """
+        T, K = experts_TK.shape
+        E = self.num_experts
+        # Stable: within an expert, assignments stay in token order, as the loop takes them.
+        experts_A, order_A = experts_TK.flatten().sort(stable=True)
+        if dropped:
+            order_A = order_A[: order_A.numel() - dropped]  # dropped ones carry id E, last
+        bounds_E = torch.arange(1, E + 1, device=x_TD.device, dtype=experts_A.dtype)
+        ends_E = torch.searchsorted(experts_A, bounds_E).to(torch.int32)
+        x_AD = x_TD.index_select(0, order_A // K)
+        gate_up_A2F = F.grouped_mm(x_AD, self.w_gate_up_E2FD.transpose(-2, -1), offs=ends_E)
+        gate_AF, up_AF = gate_up_A2F.chunk(2, dim=-1)
+        hidden_AF = F.silu(gate_AF) * up_AF
+        y_AD = F.grouped_mm(hidden_AF, self.w_down_EDF.transpose(-2, -1), offs=ends_E)
+        y_AD = y_AD * weights_TK.flatten()[order_A, None]
+        # Back to (token, choice) order and summed over choices: deterministic, unlike
+        # index_add_, whose atomic adds on CUDA sum three or more terms in varying order.
+        unsorted_AD = y_AD.new_zeros(T * K, y_AD.shape[-1]).index_copy(0, order_A, y_AD)
+        return unsorted_AD.view(T, K, -1).sum(dim=1)
+
+    def _experts_loop(
+        self, x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK: torch.Tensor
+    ) -> torch.Tensor:
+        """One expert at a time: its tokens gathered, its MLP applied, added back weighted.
+
+        The reference for ``_experts_grouped`` (and the benchmark's baseline); it syncs with
+        the host once per expert. Experts with no tokens run on an empty batch rather than
+        being skipped, so their weights get zero gradients here too.
+        """
+        out_TD = torch.zeros_like(x_TD)
+        for expert in range(self.num_experts):
+            token_N, choice_N = (experts_TK == expert).nonzero(as_tuple=True)
+            x_ND = x_TD.index_select(0, token_N)
+            gate_NF, up_NF = F.linear(x_ND, self.w_gate_up_E2FD[expert]).chunk(2, dim=-1)
+            y_ND = F.linear(F.silu(gate_NF) * up_NF, self.w_down_EDF[expert])
+            out_TD.index_add_(0, token_N, y_ND * weights_TK[token_N, choice_N, None])
+        return out_TD
+
+
+def _drop_over_capacity(
+    experts_TK: torch.Tensor, routed_E: torch.Tensor, capacity: int
+) -> tuple[torch.Tensor, int]:
+    """Assignments past an expert's first ``capacity`` (in token order) relabelled E; their count.
+
+    Token order, each token's choices together, so whether a token keeps its expert depends
+    only on tokens before it in the batch: a causal LM must not see its future through which
+    of its assignments were dropped. One host sync, for the count.
+    """
+    E = routed_E.numel()
+    experts_A = experts_TK.flatten()
+    sorted_A, order_A = experts_A.sort(stable=True)
+    starts_E = routed_E.cumsum(dim=0) - routed_E
+    rank_sorted_A = torch.arange(experts_A.numel(), device=experts_A.device) - starts_E[sorted_A]
+    over_A = torch.empty_like(experts_A, dtype=torch.bool)
+    over_A[order_A] = rank_sorted_A >= capacity
+    return experts_A.masked_fill(over_A, E).view_as(experts_TK), int(over_A.sum())

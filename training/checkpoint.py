@@ -1,0 +1,258 @@
+"""Checkpoints: DeepSpeed's model and optimizer shards plus the trainer's own state, saved so
+that a crash at any moment leaves the previous checkpoint loadable.
+
+Layout of the checkpoint directory::
+
+    latest                      the tag of the newest complete checkpoint (DeepSpeed reads it too)
+    step_00000100/              DeepSpeed's files for step 100 (one set per rank)
+        rng/rank00000.pt        each rank's torch RNG states
+        trainer_state.json      written last: a tag directory without it is incomplete
+
+Saving writes DeepSpeed's shards and the RNG states, waits for every rank, then writes
+``trainer_state.json`` and only then moves ``latest`` (an atomic rename). A crash before that
+leaves ``latest`` on the previous checkpoint, and the incomplete directory is removed at the
+next save or resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from common.errors import KinoeError
+from training.config import CheckpointConfig
+from training.world import World
+
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+RNG_DIR = "rng"
+_TAG = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    """The directory name of the checkpoint after ``step`` optimizer steps."""
+    return f"step_{step:08d}"
+
+
+@dataclass
+class TrainerState:
+    """Everything besides weights and optimizer moments that a resumed run needs."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    consumed_tokens_by_source: dict[str, int] = field(default_factory=dict)
+    samples_by_source: dict[str, int] = field(default_factory=dict)
+    skipped_steps: int = 0
+    world_size: int = 1
+    zero_stage: int = 0
+    # What the global sample order was computed from; resuming with another order would
+    # repeat or skip samples, so it must match.
+    data_order: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, path: Path) -> TrainerState:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls(**data)
+        except (OSError, json.JSONDecodeError, TypeError) as error:
+            raise KinoeError(f"{path}: unreadable trainer state ({error})") from None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+class Checkpointer:
+    """Saves, finds, loads and prunes the checkpoints of one run."""
+
+    def __init__(
+        self,
+        directory: Path,
+        config: CheckpointConfig,
+        world: World,
+        logger: logging.Logger,
+    ):
+        self.directory = Path(directory)
+        self.config = config
+        self.world = world
+        self.logger = logger
+
+    def complete_steps(self) -> list[int]:
+        """Steps with a complete checkpoint, ascending."""
+        if not self.directory.is_dir():
+            return []
+        steps = []
+        for entry in self.directory.iterdir():
+            match = _TAG.match(entry.name)
+            if match and (entry / STATE_FILE).is_file():
+                steps.append(int(match.group(1)))
+        return sorted(steps)
+
+    def latest_step(self) -> int | None:
+        """The step ``latest`` names, or None when there is no complete checkpoint."""
+        pointer = self.directory / LATEST
+        if not pointer.is_file():
+            return None
+        tag = pointer.read_text(encoding="utf-8").strip()
+        match = _TAG.match(tag)
+        if not match or not (self.directory / tag / STATE_FILE).is_file():
+            raise KinoeError(
+                f"{pointer} names {tag!r}, which is not a complete checkpoint; set "
+                "checkpoint.resume=<step> to one of "
+                f"{self.complete_steps() or 'none (no complete checkpoint)'}"
+            )
+        return int(match.group(1))
+
+    def step_to_resume(self) -> int | None:
+        """The step to resume from as ``checkpoint.resume`` asks, or None to start fresh."""
+        resume = self.config.resume
+        if resume == "none":
+            if self.complete_steps():
+                raise KinoeError(
+                    f"checkpoint.resume=none but {self.directory} holds checkpoints "
+                    f"{self.complete_steps()}; resume from them (checkpoint.resume=latest), or "
+                    "start over with --force (which deletes them) or a new run.name"
+                )
+            return None
+        if resume == "latest":
+            return self.latest_step()
+        if resume not in self.complete_steps():
+            raise KinoeError(
+                f"checkpoint.resume={resume}: no complete checkpoint for that step in "
+                f"{self.directory}; complete ones: {self.complete_steps() or 'none'}"
+            )
+        return int(resume)
+
+    def _barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def remove_incomplete(self) -> None:
+        """Delete tag directories a crash left without ``trainer_state.json`` (rank 0)."""
+        if self.world.is_main and self.directory.is_dir():
+            for entry in sorted(self.directory.iterdir()):
+                if _TAG.match(entry.name) and not (entry / STATE_FILE).is_file():
+                    self.logger.warning("removing incomplete checkpoint %s", entry)
+                    shutil.rmtree(entry)
+        self._barrier()
+
+    def save(
+        self, engine, state: TrainerState, while_writing: Callable[[int], None] | None = None
+    ) -> Path:
+        """Write the checkpoint for ``state.step`` on every rank, then move ``latest`` to it.
+
+        ``while_writing(step)`` runs after this rank's shards are written and before the
+        checkpoint is marked complete: the moment a crash drill kills the run.
+        """
+        tag = tag_for(state.step)
+        target = self.directory / tag
+        if self.world.is_main:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if target.exists():  # an earlier attempt at this step that did not finish
+                shutil.rmtree(target)
+        self._barrier()
+        engine.save_checkpoint(str(self.directory), tag=tag, save_latest=False)
+        rng_dir = target / RNG_DIR
+        rng_dir.mkdir(parents=True, exist_ok=True)
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, rng_dir / f"rank{self.world.rank:05d}.pt")
+        if while_writing is not None:
+            while_writing(state.step)
+        self._barrier()
+        if self.world.is_main:
+            _write_atomically(target / STATE_FILE, json.dumps(asdict(state), indent=2) + "\n")
+            _write_atomically(self.directory / LATEST, tag + "\n")
+            self._prune(state.step)
+        self._barrier()
+        self.logger.info("checkpoint %s saved", target)
+        return target
+
+    def _prune(self, newest: int) -> None:
+        steps = self.complete_steps()
+        keep = set(steps[-self.config.keep_last :]) | {newest}
+        if self.config.keep_every:
+            keep |= {step for step in steps if step % self.config.keep_every == 0}
+        for step in steps:
+            if step not in keep:
+                shutil.rmtree(self.directory / tag_for(step), ignore_errors=True)
+
+    def load(self, engine, step: int, current: TrainerState) -> TrainerState:
+        """Load the checkpoint of ``step`` into ``engine``; return its trainer state."""
+        target = self.directory / tag_for(step)
+        state = TrainerState.from_json(target / STATE_FILE)
+        if state.data_order != current.data_order:
+            changed = sorted(
+                key
+                for key in state.data_order.keys() | current.data_order.keys()
+                if state.data_order.get(key) != current.data_order.get(key)
+            )
+            raise KinoeError(
+                f"{target}: the data order differs from this run's ({', '.join(changed)} changed); "
+                "resuming would repeat or skip samples. Restore the original data settings or "
+                "start a new run"
+            )
+        tag = tag_for(step)
+        convert = (
+            "convert it once with `python -m deepspeed.checkpoint.ds_to_universal "
+            f"--input_folder {target} --output_folder {target}_universal` and resume with "
+            "checkpoint.load_universal=true"
+        )
+        if self.config.load_universal:
+            tag = f"{tag}_universal"
+            if not (self.directory / tag).is_dir():
+                raise KinoeError(
+                    f"checkpoint.load_universal=true but {self.directory / tag} is missing; "
+                    + (
+                        "this run has as many ranks as wrote the checkpoint, so set "
+                        "checkpoint.load_universal=false"
+                        if state.world_size == self.world.size
+                        else convert
+                    )
+                )
+        elif state.world_size != self.world.size:
+            raise KinoeError(
+                f"{target} was written by {state.world_size} ranks but this run has "
+                f"{self.world.size}; DeepSpeed cannot reshard ZeRO-{state.zero_stage} state "
+                f"directly: {convert}"
+            )
+        try:
+            loaded, _ = engine.load_checkpoint(
+                str(self.directory),
+                tag=tag,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
+        except (FileNotFoundError, RuntimeError, KeyError, EOFError) as error:
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise KinoeError(
+                f"{self.directory / tag}: cannot load the DeepSpeed checkpoint ({first}); it is "
+                "damaged: resume from an earlier one with checkpoint.resume=<step> "
+                f"({self.complete_steps()})"
+            ) from None
+        if loaded is None:
+            raise KinoeError(f"{target}: DeepSpeed found no checkpoint to load there")
+        rng_file = target / RNG_DIR / f"rank{self.world.rank:05d}.pt"
+        if state.world_size == self.world.size and rng_file.is_file():
+            rng = torch.load(rng_file, weights_only=True)
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        self.logger.info("resumed from %s (step %d)", target, state.step)
+        return state

@@ -1,0 +1,174 @@
+"""The config sections every kind of training shares: optimizer, schedule, engine, checkpoints,
+monitoring and drills. ``kinoe pretrain`` and ``kinoe finetune`` use them with the same
+fields and meaning; what differs between them (model source, data, length) is their own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from common.config import Config
+
+# Keys of the generated DeepSpeed config that kinoe derives from its own settings, and the
+# setting to change instead. Overriding one through ``engine.deepspeed`` would make DeepSpeed
+# and kinoe disagree (a global batch the data order does not have, a clip the log does not
+# show), so such a key is refused rather than merged.
+DERIVED_DEEPSPEED_KEYS = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size (accumulation follows from it)",
+    "train_batch_size": "train.global_batch_size",
+    "gradient_clipping": "engine.gradient_clipping",
+    "bf16": "engine.precision",
+    "fp16": "engine.precision (kinoe trains in bf16 or fp32)",
+    "optimizer": "the optimizer section (kinoe builds AdamW itself)",
+    "scheduler": "the schedule section (kinoe sets the lr every step)",
+    "zero_optimization.stage": "engine.zero_stage",
+    "checkpoint.load_universal": "checkpoint.load_universal",
+}
+
+
+class OptimizerConfig(Config):
+    """AdamW; weight decay applies to matrices only (not norms or the embedding)."""
+
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of lr")
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in betas):
+            raise ValueError(f"betas must each be in [0, 1), got {list(betas)}")
+        return betas
+
+
+class ScheduleConfig(Config):
+    """Learning rate over steps: linear warmup, then warmup-stable-decay or cosine."""
+
+    kind: Literal["wsd", "cosine"] = "wsd"
+    warmup_steps: int = Field(0, ge=0)
+    decay_start: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="wsd: fraction of training where the decay begins; default: where the last "
+        "data phase starts (the post-training mix), else 0.8",
+    )
+    decay_shape: Literal["linear", "cosine"] = "linear"
+
+
+class EngineConfig(Config):
+    """DeepSpeed: ZeRO stage, precision, clipping, and what is applied to the model from outside."""
+
+    zero_stage: Literal[1, 2, 3] = 2
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 on GPUs, fp32 on CPU"
+    )
+    gradient_clipping: float = Field(1.0, ge=0, description="Max global grad norm; 0: off")
+    activation_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile each decoder block")
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Raw DeepSpeed JSON merged over the generated config (recorded in "
+        "deepspeed.json); keys kinoe derives from its own settings are refused",
+    )
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _no_derived_keys(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        for key, setting in DERIVED_DEEPSPEED_KEYS.items():
+            section, _, leaf = key.rpartition(".")
+            holder = raw.get(section) if section else raw
+            if isinstance(holder, dict) and leaf in holder:
+                raise ValueError(
+                    f"{key} is derived by kinoe and cannot be set here; set {setting} instead"
+                )
+        return raw
+
+
+class CheckpointConfig(Config):
+    """When to save, what to keep, where to resume from."""
+
+    interval: int = Field(1000, gt=0, description="Save every this many steps (and at the end)")
+    keep_last: int = Field(2, ge=1, description="Most recent checkpoints kept")
+    keep_every: int | None = Field(
+        None, gt=0, description="Also keep checkpoints at multiples of this step count"
+    )
+    resume: Literal["latest", "none"] | int = Field(
+        "latest", description="latest, none (start over is refused if checkpoints exist), or a step"
+    )
+    directory: Path | None = Field(None, description="Default: <run dir>/checkpoints")
+    load_universal: bool = Field(
+        False, description="Resume from a DeepSpeed universal checkpoint (any world size)"
+    )
+
+
+class DrillConfig(Config):
+    """Fault drills: inject failures on purpose to prove alerting and recovery work."""
+
+    nan_at_steps: list[int] = Field(
+        default_factory=list, description="Make the loss of these steps NaN (steps are 1-based)"
+    )
+    crash_in_checkpoint_at_step: int | None = Field(
+        None, description="Kill every rank mid-way through writing this step's checkpoint"
+    )
+    record_samples: bool = Field(
+        False, description="Write each rank's consumed sample positions to <run dir>/samples/"
+    )
+
+
+class WandbConfig(Config):
+    """Weights & Biases logging; the API key comes only from WANDB_API_KEY or `wandb login`."""
+
+    enabled: bool = False
+    mode: Literal["online", "offline"] = "online"  # offline: no network; upload with `wandb sync`
+    entity: str | None = None
+    project: str = "kinoe"
+    group: str | None = None
+    name: str | None = None  # None: the kinoe run name
+    tags: list[str] = Field(default_factory=list)
+
+
+class ExpertLoadConfig(Config):
+    """When an expert counts as starving, and for how long before an alert."""
+
+    starved_share: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="An expert starves when its share of assignments is below this fraction of "
+        "the even share 1/E",
+    )
+    starvation_intervals: int = Field(
+        3, ge=1, description="Alert after this many consecutive logging intervals of starving"
+    )
+
+
+# A window shorter than this gives z-scores from too few losses to mean anything.
+MIN_SPIKE_WINDOW = 10
+
+
+class MonitorConfig(Config):
+    """How often to report, where to, and when the loss is alarming."""
+
+    log_interval: int = Field(
+        10,
+        ge=1,
+        description="Steps between console lines and W&B points; the step's figures are read "
+        "from the device once per interval",
+    )
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    loss_spike_zscore: float = Field(6.0, gt=0, description="Alert above mean + z * std")
+    loss_spike_window: int = Field(
+        100, ge=MIN_SPIKE_WINDOW, description="Recent finite losses the spike statistics use"
+    )
+    peak_flops_per_gpu: float | None = Field(
+        None, gt=0, description="Peak FLOP/s per GPU for MFU; None: from the device name"
+    )
+    experts: ExpertLoadConfig = Field(
+        default_factory=ExpertLoadConfig, description="Mixture-of-experts balance alerts"
+    )
