@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from common.config import Config
@@ -25,6 +24,7 @@ from common.errors import KinoeError
 from common.manifest import read_manifest
 from convert.safetensors_shards import read_sharded, write_sharded
 from convert.sources import Source, distinct_state, family_of, tie, unique
+from training.partitioned import assign, full_shape
 
 WEIGHTS_DIR = "weights"
 MODEL_FILE = "model.json"
@@ -140,11 +140,12 @@ def architecture_differences(weights: Config, model: Config) -> list[str]:
     ]
 
 
-def load_initial_weights(model: nn.Module, directory: Path) -> None:
+def load_initial_weights(model: nn.Module, directory: Path, is_main: bool = True) -> None:
     """Copy the weights directory ``directory`` into the freshly built ``model``, tensor by tensor.
 
     Refuses, in one line, weights of another family or architecture, and any missing,
-    unexpected or mis-shaped tensor; nothing is copied unless everything matches.
+    unexpected or mis-shaped tensor; nothing is copied unless everything matches. A model
+    built into ZeRO-3 partitions is filled one tensor at a time, read by the main rank only.
     """
     directory = Path(directory)
     if not is_weights_directory(directory):
@@ -173,9 +174,9 @@ def load_initial_weights(model: nn.Module, directory: Path) -> None:
     missing = sorted(targets.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - targets.keys())
     misshaped = [
-        f"{name} {tensors[name].shape} (the model has {tuple(targets[name].shape)})"
+        f"{name} {tensors[name].shape} (the model has {full_shape(targets[name])})"
         for name in targets.keys() & tensors.keys()
-        if tensors[name].shape != tuple(targets[name].shape)
+        if tensors[name].shape != full_shape(targets[name])
     ]
     problems = [
         *([f"missing {_first(missing)}"] if missing else []),
@@ -184,9 +185,8 @@ def load_initial_weights(model: nn.Module, directory: Path) -> None:
     ]
     if problems:
         raise KinoeError(f"initial weights {directory}: {'; '.join(problems)}")
-    with torch.no_grad():
-        for name, target in targets.items():
-            target.copy_(tensors[name].read())
+    for name, target in targets.items():
+        assign(target, tensors[name].read, is_main)
 
 
 def _first(names: list[str], shown: int = 3) -> str:

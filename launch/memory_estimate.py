@@ -50,6 +50,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from pretrain.config import PretrainConfig
 
 GiB = 2**30
@@ -329,11 +331,18 @@ def checkpoint_bytes(args: Any, precision: str) -> int:
     return (bytes_per_value(precision) + MASTER_BYTES + MOMENT_BYTES) * args.num_parameters()
 
 
-def host_build_bytes(args: Any, precision: str) -> int:
-    """Host memory one rank holds while building: the model in fp32, plus its bf16 copy.
+def host_build_bytes(config: PretrainConfig, precision: str) -> int:
+    """Host memory one rank holds while building the model.
 
-    The model is built on the host and DeepSpeed casts it before moving it to the GPU
-    (docs/pretrain.md: no ``deepspeed.zero.Init`` yet), so every rank of a node does this at once.
+    ZeRO 1/2: the model is built whole on the host in fp32 and DeepSpeed casts it (the bf16
+    copy) before moving it to the GPU, so every rank of a node holds all of it at once.
+    ZeRO-3: the model is built straight into GPU partitions (``training.partitioned``); the
+    host holds only the one parameter being drawn in fp32 (rank 0), the largest at most.
     """
+    args = config.model.build_args()
+    if config.engine.zero_stage == 3:
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            model = config.model.model_family.model_type(args)
+        return 4 * max(parameter.numel() for parameter in model.parameters())
     n = args.num_parameters()
     return 4 * n + (2 * n if precision == "bf16" else 0)

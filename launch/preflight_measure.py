@@ -291,7 +291,7 @@ def measure(
     out_of_memory = None
     engine = None
     try:
-        model = build_model(config, args, world, logger)
+        model = build_model(config, args, world, logger, ds_config)
         engine = build_engine(model, config, ds_config)
         batch = worst_case_batch(config, eos_id, min(vocab_size, args.vocab_size)).to(device)
         objective = LanguageModelling(["worst_case"], token_loss_function(config.engine))

@@ -77,13 +77,14 @@ def memory_before_building(
         can_build = False
     if on_gpu:
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        host_need = host_build_bytes(args, dtype) * local_ranks
+        host_need = host_build_bytes(config, dtype) * local_ranks
         host_free = reduce_min(host_available_bytes(), world.device)
         memory.update(host_build_bytes=host_need, host_available_bytes=host_free)
         if host_need > host_free:
             verdict.reasons.append(
                 f"host memory: {local_ranks} ranks each build the model on the host "
-                f"({gib(host_need)} together) but {gib(host_free)} is available; not built; "
+                f"({'one parameter at a time' if config.engine.zero_stage == 3 else 'all of it'}, "
+                f"{gib(host_need)} together) but {gib(host_free)} is available; not built; "
                 "use fewer ranks per node or nodes with more memory"
             )
             can_build = False

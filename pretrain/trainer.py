@@ -29,6 +29,7 @@ from training.engine import accumulation_steps, build_engine, deepspeed_config
 from training.loop import PreemptionFlag, Trainer
 from training.losses import token_loss_function
 from training.parallelize import parallelize
+from training.partitioned import build_initialised
 from training.schedule import decay_start_step, learning_rate
 from training.world import World, init_distributed
 
@@ -105,8 +106,8 @@ def _train(context: StageContext[PretrainConfig], world: World) -> dict[str, Any
     )
     _warn_about_repeats(order, logger, world)
 
-    model = build_model(config, args, world, logger)
     ds_config = deepspeed_config(config, world)
+    model = build_model(config, args, world, logger, ds_config)
     if world.is_main:
         (context.run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     engine = build_engine(model, config, ds_config)
@@ -211,21 +212,25 @@ def check_vocabulary(shard_vocab_size: int, args: Any) -> None:
         )
 
 
-def build_model(config: PretrainConfig, args: Any, world: World, logger) -> torch.nn.Module:
+def build_model(
+    config: PretrainConfig, args: Any, world: World, logger, ds_config: dict[str, Any]
+) -> torch.nn.Module:
     """The model as training uses it, before DeepSpeed wraps it.
 
-    Seeded random weights or ``model.init_from``'s, then activation checkpointing and
-    compilation applied from outside. ``kinoe preflight`` builds its model here too, so what
-    it measures is what trains.
+    Seeded random weights or ``model.init_from``'s, built into ZeRO-3 partitions when the
+    run is ZeRO-3 (``training.partitioned``), then activation checkpointing and compilation
+    applied from outside. ``kinoe preflight`` builds its model here too, so what it measures
+    is what trains.
     """
-    torch.manual_seed(config.train.seed)
-    model = config.model.model_family.model_type(args)
+    model = build_initialised(
+        config.model.model_family.model_type, args, config.train.seed, ds_config, world
+    )
     if config.model.init_from is not None:
         # Continual pretraining: an existing model's weights instead of a random start. On a
         # resume the checkpoint's weights replace these anyway.
         from convert.initial import load_initial_weights
 
-        load_initial_weights(model, config.model.init_from)
+        load_initial_weights(model, config.model.init_from, world.is_main)
         if world.is_main:
             logger.info("initial weights from %s", config.model.init_from)
     parallelize(model, config.engine)

@@ -8,6 +8,7 @@ G key/value heads, K head dimension, F intermediate size, V vocabulary, P max po
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -17,6 +18,18 @@ from torch import nn
 from models.attention import AttentionMask, attend, build_attention_mask
 from models.masks import positions_from_documents
 from models.mistral.args import MistralArgs
+
+# A parameter and the function that draws its initial values in place.
+Initializer = tuple[nn.Parameter, Callable[[torch.Tensor], None]]
+
+
+def normal(std: float) -> Callable[[torch.Tensor], None]:
+    """Draws Normal(0, std) in place."""
+    return lambda tensor: nn.init.normal_(tensor, mean=0.0, std=std)
+
+
+def ones(tensor: torch.Tensor) -> None:
+    nn.init.ones_(tensor)
 
 
 class RMSNorm(nn.Module):
@@ -124,12 +137,13 @@ class FeedForward(nn.Module):
         hidden_BTF = F.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD)
         return self.down_proj(hidden_BTF)
 
-    @torch.no_grad()
-    def init_weights(self, std: float, residual_std: float) -> None:
+    def initializers(self, std: float, residual_std: float) -> list[Initializer]:
         """gate and up Normal(0, std); down, the residual branch's output, Normal(0, residual_std)."""
-        for linear in (self.gate_proj, self.up_proj):
-            nn.init.normal_(linear.weight, mean=0.0, std=std)
-        nn.init.normal_(self.down_proj.weight, mean=0.0, std=residual_std)
+        return [
+            (self.gate_proj.weight, normal(std)),
+            (self.up_proj.weight, normal(std)),
+            (self.down_proj.weight, normal(residual_std)),
+        ]
 
 
 class Block(nn.Module):
@@ -162,7 +176,7 @@ class Mistral(nn.Module):
 
     A family that changes only the feed-forward part of the block (Mixtral) subclasses this
     and sets ``feed_forward_type``, a module built from the args with an
-    ``init_weights(std, residual_std)``; embedding, attention, masks, RoPE, the block and the
+    ``initializers(std, residual_std)``; embedding, attention, masks, RoPE, the block and the
     forward pass stay one implementation.
     """
 
@@ -184,26 +198,38 @@ class Mistral(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, init_std) weights, residual-branch outputs scaled by 1/sqrt(2 L), norms to 1.
+        """Draw every parameter from its initializer, in ``initializers`` order; recompute RoPE.
 
-        Also recomputes the RoPE tables, so a model built on the meta device and moved with
-        ``to_empty`` is fully initialised by this call.
+        So a model built on the meta device and moved with ``to_empty`` is fully initialised
+        by this call, and a partitioned build that draws the same initializers in the same
+        order from the same generator gets the same weights.
+        """
+        for parameter, initialise in self.initializers():
+            initialise(parameter)
+        self.rope.reset_buffers()
+
+    def initializers(self) -> list[Initializer]:
+        """Every distinct parameter with its initializer, in the order the random draws are made.
+
+        Normal(0, init_std) weights, residual-branch outputs Normal(0, init_std / sqrt(2 L)),
+        norms 1; the feed-forward part's own (``feed_forward.initializers``).
         """
         std = self.args.init_std
         residual_std = std / math.sqrt(2 * self.args.num_layers)
-        nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
+        found: list[Initializer] = [(self.tok_embeddings.weight, normal(std))]
         for layer in self.layers:
             attention = layer.attention
-            for linear in (attention.q_proj, attention.k_proj, attention.v_proj):
-                nn.init.normal_(linear.weight, mean=0.0, std=std)
-            nn.init.normal_(attention.o_proj.weight, mean=0.0, std=residual_std)
-            layer.feed_forward.init_weights(std, residual_std)
-            layer.attention_norm.reset_parameters()
-            layer.ffn_norm.reset_parameters()
-        self.norm.reset_parameters()
+            found += [
+                (linear.weight, normal(std))
+                for linear in (attention.q_proj, attention.k_proj, attention.v_proj)
+            ]
+            found.append((attention.o_proj.weight, normal(residual_std)))
+            found += layer.feed_forward.initializers(std, residual_std)
+            found += [(layer.attention_norm.weight, ones), (layer.ffn_norm.weight, ones)]
+        found.append((self.norm.weight, ones))
         if not self.args.tie_embeddings:
-            nn.init.normal_(self.output.weight, mean=0.0, std=std)
-        self.rope.reset_buffers()
+            found.append((self.output.weight, normal(std)))
+        return found
 
     def forward(
         self, tokens_BT: torch.Tensor, document_ids_BT: torch.Tensor | None = None

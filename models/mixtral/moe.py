@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.mistral.model import Initializer, normal
 from models.mixtral.args import MixtralArgs
 
 
@@ -59,12 +60,13 @@ class MoE(nn.Module):
         self.tokens_per_expert_E: torch.Tensor | None = None
         self.dropped_tokens = 0
 
-    @torch.no_grad()
-    def init_weights(self, std: float, residual_std: float) -> None:
+    def initializers(self, std: float, residual_std: float) -> list[Initializer]:
         """Router Normal(0, std); each expert as Mistral's MLP (down projection residual_std)."""
-        nn.init.normal_(self.router.weight, mean=0.0, std=std)
-        nn.init.normal_(self.w_gate_up_E2FD, mean=0.0, std=std)
-        nn.init.normal_(self.w_down_EDF, mean=0.0, std=residual_std)
+        return [
+            (self.router.weight, normal(std)),
+            (self.w_gate_up_E2FD, normal(std)),
+            (self.w_down_EDF, normal(residual_std)),
+        ]
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
