@@ -24,6 +24,8 @@ before the matmuls rather than parked at the end.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,19 @@ from torch import nn
 
 from models.mistral.model import Initializer, normal
 from models.mixtral.args import MixtralArgs
+
+
+class ExpertExchange(Protocol):
+    """Runs assignments through experts held by other ranks (expert parallelism)."""
+
+    def __call__(
+        self,
+        x_AD: torch.Tensor,
+        counts_E: torch.Tensor,
+        local_experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """``x_AD`` sorted by expert, ``counts_E`` int64 assignments per expert (all E experts):
+        each assignment's expert output, in the same order."""
 
 
 class MoE(nn.Module):
@@ -59,6 +74,9 @@ class MoE(nn.Module):
         self.z_loss: torch.Tensor | None = None
         self.tokens_per_expert_E: torch.Tensor | None = None
         self.dropped_tokens = 0
+        # Set from outside by training.expert_parallel.shard_experts: sends each assignment to
+        # the rank holding its expert and brings the result back. None: every expert is here.
+        self.exchange: ExpertExchange | None = None
 
     def initializers(self, std: float, residual_std: float) -> list[Initializer]:
         """Router Normal(0, std); each expert as Mistral's MLP (down projection residual_std)."""
@@ -102,7 +120,8 @@ class MoE(nn.Module):
     def _experts_grouped(
         self, x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK: torch.Tensor, dropped: int
     ) -> torch.Tensor:
-        """Sort assignments by expert, two grouped GEMMs over all experts, sum back per token.
+        """Sort assignments by expert, through the experts (here or, with ``exchange``, on their
+        ranks), weighted and summed back per token.
 
         Every expert's weights enter both GEMMs whatever its token count, so an expert with no
         tokens still gets a (zero) gradient and ZeRO sees every parameter used each step.
@@ -114,17 +133,25 @@ class MoE(nn.Module):
         if dropped:
             order_A = order_A[: order_A.numel() - dropped]  # dropped ones carry id E, last
         bounds_E = torch.arange(1, E + 1, device=x_TD.device, dtype=experts_A.dtype)
-        ends_E = torch.searchsorted(experts_A, bounds_E).to(torch.int32)
+        ends_E = torch.searchsorted(experts_A, bounds_E)
         x_AD = x_TD.index_select(0, order_A // K)
-        gate_up_A2F = F.grouped_mm(x_AD, self.w_gate_up_E2FD.transpose(-2, -1), offs=ends_E)
-        gate_AF, up_AF = gate_up_A2F.chunk(2, dim=-1)
-        hidden_AF = F.silu(gate_AF) * up_AF
-        y_AD = F.grouped_mm(hidden_AF, self.w_down_EDF.transpose(-2, -1), offs=ends_E)
+        if self.exchange is None:
+            y_AD = self.local_experts(x_AD, ends_E.to(torch.int32))
+        else:
+            y_AD = self.exchange(x_AD, ends_E.diff(prepend=ends_E.new_zeros(1)), self.local_experts)
         y_AD = y_AD * weights_TK.flatten()[order_A, None]
         # Back to (token, choice) order and summed over choices: deterministic, unlike
         # index_add_, whose atomic adds on CUDA sum three or more terms in varying order.
         unsorted_AD = y_AD.new_zeros(T * K, y_AD.shape[-1]).index_copy(0, order_A, y_AD)
         return unsorted_AD.view(T, K, -1).sum(dim=1)
+
+    def local_experts(self, x_XD: torch.Tensor, ends_G: torch.Tensor) -> torch.Tensor:
+        """This module's experts (G of them: all, or this rank's under expert parallelism) on
+        rows grouped by expert; ``ends_G``: int32 cumulative group ends. Two grouped GEMMs."""
+        gate_up_X2F = F.grouped_mm(x_XD, self.w_gate_up_E2FD.transpose(-2, -1), offs=ends_G)
+        gate_XF, up_XF = gate_up_X2F.chunk(2, dim=-1)
+        hidden_XF = F.silu(gate_XF) * up_XF
+        return F.grouped_mm(hidden_XF, self.w_down_EDF.transpose(-2, -1), offs=ends_G)
 
     def _experts_loop(
         self, x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK: torch.Tensor
