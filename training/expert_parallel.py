@@ -46,24 +46,36 @@ class ExpertGroups:
 
 
 def expert_groups(size: int) -> ExpertGroups:
-    """Create the process groups of expert parallelism of ``size`` (every rank must call this)."""
-    world, rank = dist.get_world_size(), dist.get_rank()
+    """The process groups of expert parallelism of ``size`` (every rank must call this).
+
+    Created through DeepSpeed's group registry (the layout above is its default), so that
+    DeepSpeed's own start-up broadcast sends each expert shard only among the ranks that
+    hold the same experts (``shard_experts`` marks the parameters with the group's name).
+    """
+    from deepspeed.utils import groups as deepspeed_groups
+
+    world = dist.get_world_size()
     if size < 1 or world % size:
         raise KinoeError(
             f"engine.expert_parallel {size} does not divide the {world} ranks; choose a divisor "
             "of the number of GPUs (e.g. the GPUs of one node)"
         )
-    exchange = replicas = None
-    # Every rank creates every group, in the same order, as torch.distributed requires.
-    for start in range(0, world, size):
-        group = dist.new_group(list(range(start, start + size)))
-        if start <= rank < start + size:
-            exchange = group
-    for offset in range(size):
-        group = dist.new_group(list(range(offset, world, size)))
-        if rank % size == offset:
-            replicas = group
-    return ExpertGroups(size, rank % size, world, exchange, replicas)
+    # Private in DeepSpeed but the one way its MoE layers create these groups; it creates
+    # each group once per name and every rank must call it in the same order.
+    deepspeed_groups._create_expert_and_data_parallel(size)
+    name = group_name(size)
+    return ExpertGroups(
+        size=size,
+        rank=dist.get_rank() % size,
+        world_size=world,
+        group=deepspeed_groups._get_expert_parallel_group(name),
+        replicas=deepspeed_groups._get_expert_data_parallel_group(name),
+    )
+
+
+def group_name(size: int) -> str:
+    """DeepSpeed's name for the groups of expert parallelism of ``size``."""
+    return f"ep_size_{size}"
 
 
 class _AllToAll(torch.autograd.Function):
@@ -150,7 +162,11 @@ def shard_experts(model: nn.Module, groups: ExpertGroups) -> None:
         keep = slice(groups.rank * G, (groups.rank + 1) * G)
         for name in ("w_gate_up_E2FD", "w_down_EDF"):
             full = getattr(moe, name)
-            setattr(moe, name, nn.Parameter(full.detach()[keep].clone(), full.requires_grad))
+            shard = nn.Parameter(full.detach()[keep].clone(), full.requires_grad)
+            # DeepSpeed's marks of an expert parameter: not all-reduced over the data-parallel
+            # group, broadcast at start-up within its group only.
+            shard.allreduce, shard.group_name = False, group_name(groups.size)
+            setattr(moe, name, shard)
         moe.exchange = AllToAllExchange(groups, moe.num_experts)
 
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import deepspeed
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from common.errors import KinoeError
 from models.mixtral import Mixtral, MixtralArgs
 from models.mixtral.args import mixtral_tiny
 from training.expert_parallel import expert_groups, expert_parameters, shard_experts
@@ -41,8 +43,12 @@ def loss_and_grads(
     return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-dist.init_process_group("gloo")
+deepspeed.init_distributed(dist_backend="gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
+try:
+    expert_groups(3)
+except KinoeError as error:
+    print(f"rank {rank} refused: {error}", flush=True)
 sizes = [int(size) for size in sys.argv[1:]]
 groups = {size: expert_groups(size) for size in sizes}  # every rank creates them in one order
 generator = torch.Generator().manual_seed(100 + rank)
