@@ -27,7 +27,9 @@ from common.errors import KinoeError
 FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 # torch refuses to run when both switches are set; a user's opt-out must not win here.
 UNFORCE = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
-_UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL (\S+)")
+# torch words the refusal differently for a blocked module and a global not allowed.
+_GLOBAL = re.compile(r"GLOBAL (\S+)")
+_REFUSAL = "Weights only load failed"
 
 
 def allowed_globals() -> list[Any]:
@@ -56,11 +58,12 @@ def weights_only_loads() -> Iterator[None]:
 
 def refused(path: Path | str, error: BaseException) -> KinoeError | None:
     """The one-line refusal for a file that pickles something other than data, else None."""
-    unsupported = _UNSUPPORTED.search(str(error))
-    if not isinstance(error, pickle.UnpicklingError) or unsupported is None:
+    if not isinstance(error, pickle.UnpicklingError) or _REFUSAL not in str(error):
         return None
+    name = _GLOBAL.search(str(error))
+    what = name.group(1).rstrip(".") if name else "something other than tensors"
     return KinoeError(
-        f"{path} pickles {unsupported.group(1)}, which kinoe never unpickles (code could run): "
+        f"{path} pickles {what}, which kinoe never unpickles (code could run): "
         "the file was planted or not written by kinoe/DeepSpeed; delete it and restore the "
         "checkpoint from a copy you trust"
     )
