@@ -96,3 +96,13 @@ def test_dpo_reference_file_is_verified_before_use(tmp_path):
     with pytest.raises(KinoeError, match=r"pickles posix\.mkdir"):
         reference_logps(None, units, None, world, tmp_path, 10, logger)
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_wrongly_typed_model_config_is_one_line(tmp_path):
+    from convert.hf_read import hf_args
+
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "mistral", "hidden_size": "big", "num_attention_heads": 4}'
+    )
+    with pytest.raises(KinoeError, match=r"config.json: transformers cannot read it.*hidden_size"):
+        hf_args(tmp_path)
