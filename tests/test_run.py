@@ -16,7 +16,15 @@ import pytest
 from common.errors import KinoeError
 from common.manifest import FileRecord, hash_tree, read_manifest
 from common.progress import track
-from common.run import BOOKKEEPING, Stage, StageConfig, StageContext, load_stage_config, run_stage
+from common.run import (
+    BOOKKEEPING,
+    Stage,
+    StageConfig,
+    StageContext,
+    decide,
+    load_stage_config,
+    run_stage,
+)
 
 from conftest import REPO
 
@@ -150,6 +158,25 @@ def test_failed_run_is_recorded_and_rerun(config_file, tmp_path):
     assert manifest.status == "failed" and manifest.error == "RuntimeError: disk on fire"
     assert manifest.outputs is None
     assert run_stage(COUNT, load_stage_config(CountConfig, config_file)).status == "complete"
+
+
+def test_a_killed_runs_manifest_reads_failed_on_the_next_start(config_file, tmp_path):
+    config = load_stage_config(CountConfig, config_file)
+    run_stage(COUNT, config)
+    path = tmp_path / "runs" / "count" / "leads" / "manifest.json"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    killed = json.loads(path.read_text())
+    killed["status"] = "running"
+    killed["host"]["pid"] = int(dead.stdout)  # a process that has ended, as a killed one has
+    path.write_text(json.dumps(killed))
+    decide(COUNT, config)
+    manifest = read_manifest(path.parent)
+    assert manifest.status == "failed" and "ended without recording an end" in manifest.error
 
 
 def test_secrets_never_reach_manifest_config_or_log(config_file, tmp_path, monkeypatch):
