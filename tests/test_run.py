@@ -182,13 +182,23 @@ def test_a_killed_runs_manifest_reads_failed_on_the_next_start(config_file, tmp_
 def test_secrets_never_reach_manifest_config_or_log(config_file, tmp_path, monkeypatch):
     key = secrets.token_hex(20)
     monkeypatch.setenv("WANDB_API_KEY", key)
+    # Webhook URLs are credentials whatever the name; other URLs when they carry one.
+    webhook = f"https://hooks.slack.com/services/T0/B0/{secrets.token_hex(12)}"
+    monkeypatch.setenv("SLACK_WEBHOOK_URL", webhook)
+    tracker = f"https://ci:{secrets.token_hex(8)}@tracker.example.org/api"
+    monkeypatch.setenv("TRACKER_URL", tracker)
+    monkeypatch.setenv("DOCS_URL", "https://docs.example.org/kinoe")  # no credential: kept
     # A user pasting the key into a config value is the worst case the runner must survive.
-    result = run_stage(COUNT, load_stage_config(CountConfig, config_file, [f"label={key}"]))
+    label = f"label={key} {webhook} {tracker} https://docs.example.org/kinoe"
+    result = run_stage(COUNT, load_stage_config(CountConfig, config_file, [label]))
     written = [p for p in result.run_dir.rglob("*") if p.is_file()]
     assert {"manifest.json", "config.yaml", "count.log"} <= {p.name for p in written}
     for path in written:
-        assert key not in path.read_text(encoding="utf-8", errors="replace"), path
-    assert "<redacted:WANDB_API_KEY>" in (result.run_dir / "manifest.json").read_text()
+        text = path.read_text(encoding="utf-8", errors="replace")
+        assert key not in text and webhook not in text and tracker not in text, path
+    manifest = (result.run_dir / "manifest.json").read_text()
+    assert "<redacted:WANDB_API_KEY>" in manifest and "<redacted:SLACK_WEBHOOK_URL>" in manifest
+    assert "<redacted:TRACKER_URL>" in manifest and "https://docs.example.org/kinoe" in manifest
 
 
 def test_concurrent_run_of_same_directory_is_refused(config_file, tmp_path):
