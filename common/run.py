@@ -418,6 +418,12 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
         for key, value in data.items():
             flat.update(_flatten(value, f"{prefix}{key}."))
         return flat
+    if isinstance(data, list) and data:
+        # Into lists too, so a refusal names the item's key (sources.0.glob), not the list.
+        flat = {}
+        for index, value in enumerate(data):
+            flat.update(_flatten(value, f"{prefix}{index}."))
+        return flat
     return {prefix.rstrip("."): data}
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from common.config import Config
 from common.errors import KinoeError
 from common.manifest import FileRecord, hash_tree, read_manifest
 from common.progress import track
@@ -129,6 +130,24 @@ def test_changed_config_is_refused_with_the_changed_key(config_file):
         COUNT, load_stage_config(CountConfig, config_file, ["min_chars=50", "run.name=long"])
     )
     assert other.status == "complete" and other.run_dir.name == "long"
+
+
+class GlobSource(Config):
+    glob: str
+
+
+class GlobConfig(StageConfig):
+    sources: list[GlobSource]
+
+
+def test_a_changed_key_inside_a_list_is_named_exactly(tmp_path):
+    stage = Stage("globs", GlobConfig, lambda context: {})
+    run = {"root": str(tmp_path / "runs"), "name": "g"}
+    first = {"run": run, "sources": [{"glob": "a/*.jsonl"}, {"glob": "b/*.jsonl"}]}
+    run_stage(stage, GlobConfig.model_validate(first))
+    changed = {**first, "sources": [{"glob": "a/*.jsonl.gz"}, {"glob": "b/*.jsonl"}]}
+    with pytest.raises(KinoeError, match=r"\(changed: sources\.0\.glob\)"):
+        run_stage(stage, GlobConfig.model_validate(changed))
 
 
 def test_changed_input_content_is_refused(config_file, corpus):
