@@ -61,6 +61,13 @@ def test_saved_files_are_digested_and_damage_named(tmp_path):
     (tmp_path / "rng").mkdir()
     engine.save({"weight": torch.arange(1000.0)}, str(tmp_path / "model.pt"))
     engine.save({"cpu": torch.get_rng_state()}, str(tmp_path / "rng" / "rank00000.pt"))
+    with safe_load.weights_only_loads():  # nested, as on resume: the outer rule must hold
+        engine.load(str(tmp_path / "model.pt"))
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+        torch.save({"scaler": LossScaler(1.0)}, tmp_path / "scaler.pt")
+        torch.load(tmp_path / "scaler.pt", weights_only=True)
+    (tmp_path / "scaler.pt").unlink()
     recorded = engine.written(tmp_path)
     assert sorted(recorded) == ["model.pt", "rng/rank00000.pt"]
     assert damage(tmp_path, recorded) is None

@@ -47,7 +47,11 @@ def weights_only_loads() -> Iterator[None]:
     saved = {name: os.environ.pop(name, None) for name in (FORCE, UNFORCE)}
     os.environ[FORCE] = "1"
     try:
-        with torch.serialization.safe_globals(allowed_globals()):
+        # Only what is not allowed yet: leaving a nested context removes the globals it added,
+        # which would strip the outer context's (DeepSpeed's engine loads inside our resume).
+        present = torch.serialization.get_safe_globals()
+        missing = [kind for kind in allowed_globals() if kind not in present]
+        with torch.serialization.safe_globals(missing):
             yield
     finally:
         os.environ.pop(FORCE, None)
