@@ -12,6 +12,7 @@ Relative paths inside a config are relative to the working directory the command
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from common.errors import ConfigError
 
@@ -27,9 +28,46 @@ C = TypeVar("C", bound="Config")
 
 
 class Config(BaseModel):
-    """Base of every kinoe config: unknown keys are errors, assignments are validated."""
+    """Base of every kinoe config: unknown keys are errors, assignments are validated.
+
+    A number given as a string (``lr: "3e-3"``) is refused rather than converted: quoting is
+    how a number that was meant as text slips in unnoticed. Bare ``3e-3`` is a number (the
+    loader reads floats as YAML 1.2 does; YAML 1.1 would make it a string).
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_quoted_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if _number_text(value) and field is not None and _numeric(field.annotation):
+            kind = "an integer" if _numeric(field.annotation, int) else "a number"
+            raise ValueError(
+                f"{info.field_name} must be {kind}, not the string {value!r}; write it "
+                "without quotes"
+            )
+        return value
+
+
+def _number_text(value: Any) -> bool:
+    """True for a string that reads as a number ("3e-3"); other strings get pydantic's error."""
+    try:
+        float(value) if isinstance(value, str) else None
+    except ValueError:
+        return False
+    return isinstance(value, str)
+
+
+def _numeric(annotation: Any, kinds: tuple[type, ...] | type = (int, float)) -> bool:
+    """True for fields of ``kinds`` (optional or not): the ones a string must not fill."""
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    members = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return bool(members) and all(_numeric(member, kinds) for member in members)
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _numeric(members[0], kinds)
+    return annotation in kinds
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -50,6 +88,12 @@ def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -
 
 _StrictLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates
+)
+# YAML 1.2's float: PyYAML follows YAML 1.1, where 3e-4 (no dot) is the string "3e-4".
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?\.?[0-9_]*[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
 )
 
 

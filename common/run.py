@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -206,7 +207,7 @@ def run_stage(
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(run_dir, label, enabled=main):
-        previous = read_manifest(run_dir)
+        previous = mark_stale(run_dir, read_manifest(run_dir)) if main else read_manifest(run_dir)
         config_data = config.model_dump(mode="json")
         input_records = _hash_inputs(inputs, previous)
         deciding = stage.fingerprinted(config)
@@ -290,7 +291,7 @@ def decide(stage: Stage[C], config: C, hash_inputs: bool = True) -> Decision:
     whatever the inputs are), for plans made before earlier steps have written their outputs.
     """
     run_dir = run_directory(stage.name, config, stage.step)
-    previous = read_manifest(run_dir)
+    previous = mark_stale(run_dir, read_manifest(run_dir))
     deciding = stage.fingerprinted(config)
     if not hash_inputs:
         if (
@@ -305,6 +306,34 @@ def decide(stage: Stage[C], config: C, hash_inputs: bool = True) -> Decision:
     except KinoeError as error:
         return Decision("run", str(error), missing_input=True)
     return _judge(stage, run_dir, previous, deciding, _hash_inputs(inputs, previous))
+
+
+def mark_stale(run_dir: Path, manifest: Manifest | None) -> Manifest | None:
+    """A ``running`` manifest whose process is gone (no such pid on this host) rewritten ``failed``.
+
+    A killed stage (SIGKILL, out of memory, a lost node) never writes its end, so without this
+    its manifest would read ``running`` for ever.
+    """
+    if manifest is None or manifest.status != "running":
+        return manifest
+    host, pid = manifest.host.get("hostname"), manifest.host.get("pid")
+    if host != socket.gethostname() or not isinstance(pid, int) or _alive(pid):
+        return manifest
+    manifest.status = "failed"
+    manifest.error = f"its process (pid {pid} on {host}) ended without recording an end (killed?)"
+    write_manifest(run_dir, manifest)
+    get_logger("run").warning("%s: %s; marked failed", run_dir, manifest.error)
+    return manifest
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _judge(
@@ -388,6 +417,12 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
         flat: dict[str, Any] = {}
         for key, value in data.items():
             flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    if isinstance(data, list) and data:
+        # Into lists too, so a refusal names the item's key (sources.0.glob), not the list.
+        flat = {}
+        for index, value in enumerate(data):
+            flat.update(_flatten(value, f"{prefix}{index}."))
         return flat
     return {prefix.rstrip("."): data}
 

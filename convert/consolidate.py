@@ -6,13 +6,14 @@ needs; the Adam moments beside the weights are never touched.
 
 Before anything is read the checkpoint is checked whole: ``trainer_state.json`` (kinoe writes
 it last, so a directory without it is incomplete), one optimizer shard per rank of the
-``world_size`` that wrote it, the model-states files, and every file unpickled under
-``weights_only`` with only DeepSpeed's own checkpoint classes allowed. Each problem is one
-line naming the file and what to do.
+``world_size`` that wrote it, the model-states files, every file's SHA-256 against the one
+recorded when the checkpoint was written (training/digests.py, the check resume makes), and
+every file unpickled under ``weights_only`` with only DeepSpeed's own checkpoint classes
+allowed (training/safe_load.py). Each problem is one line naming the file and what to do.
 
 ZeRO-3 goes through DeepSpeed's ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`` in
-lazy mode, which gathers each parameter's partitions when it is asked for (it reads the files
-again, unrestricted, once they have passed the checks above). For ZeRO-1/2 that
+lazy mode, which gathers each parameter's partitions when it is asked for (its own loads are
+forced to ``weights_only`` too). For ZeRO-1/2 that
 function first concatenates every rank's partition into one full fp32 copy of the model, so
 ``_zero2_tensors`` follows the same layout rules (the same offsets, alignment paddings and
 consistency check) but slices each parameter out of the memory-mapped partitions on its own;
@@ -26,7 +27,6 @@ import io
 import math
 import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,11 @@ import torch
 from common.config import read_yaml
 from common.errors import KinoeError
 from common.logs import get_logger
-from common.manifest import read_manifest, sha256_file
-from common.run import upstream_records
+from common.manifest import read_manifest
 from convert.sources import Source, TensorRef
+from training import safe_load
 from training.checkpoint import LATEST, STATE_FILE, TrainerState, tag_for
+from training.digests import damage
 
 CONFIG_FILE = "config.yaml"
 _TAG = re.compile(r"^step_(\d{8})$")
@@ -129,7 +130,7 @@ def deepspeed_source(run_dir: Path, step: str | int) -> Source:
 def deepspeed_tensors(tag_dir: Path, state: TrainerState) -> dict[str, TensorRef]:
     """Every parameter of the checkpoint in ``tag_dir`` under its model name, fp32, unread."""
     optim_files, model_files = _shard_files(tag_dir, state)
-    _check_recorded_hashes(tag_dir, [*model_files, *optim_files])
+    _check_digests(tag_dir, state)
     model_states = [_load(path) for path in model_files]
     optim_states = [_load(path) for path in optim_files]
     for path, loaded in zip(model_files, model_states, strict=True):
@@ -205,67 +206,26 @@ def _shard_files(tag_dir: Path, state: TrainerState) -> tuple[list[Path], list[P
     return [optim[rank] for rank in range(world)], [model[rank] for rank in model_ranks]
 
 
-def _check_recorded_hashes(tag_dir: Path, files: list[Path]) -> None:
-    """Refuse shards whose content differs from the hashes a complete pretrain run recorded.
-
-    A byte flipped inside a tensor leaves the file loadable; the pretrain manifest (when the
-    run completed, its outputs are hashed) catches it. Files whose size and mtime are as
-    recorded are taken as recorded, as everywhere in kinoe.
-    """
-    records = {record.path: record for record in upstream_records(tag_dir)}
-    for path in files:
-        record = records.get(path.name)
-        if record is None:
-            continue
-        stat = path.stat()
-        if stat.st_size == record.bytes and stat.st_mtime_ns == record.mtime_ns:
-            continue
-        if stat.st_size != record.bytes:
-            change = f"it has {stat.st_size:,} bytes, pretraining recorded {record.bytes:,}"
-        elif sha256_file(path) != record.sha256:
-            change = "its SHA-256 differs from the one pretraining recorded"
-        else:
-            continue
-        raise KinoeError(
-            f"{path}: {change} in its manifest; the file is corrupt or was replaced: {_fix(tag_dir)}"
+def _check_digests(tag_dir: Path, state: TrainerState) -> None:
+    """Refuse a checkpoint whose files differ from the digests recorded when it was written."""
+    if not state.files:
+        get_logger("convert").warning(
+            "%s records no file digests (written before kinoe recorded them): converting it "
+            "unverified",
+            tag_dir,
         )
-
-
-def _safe_globals() -> list[Any]:
-    """DeepSpeed's classes its checkpoints pickle, allowed under ``weights_only``."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+        return
+    problem = damage(tag_dir, state.files)
+    if problem is not None:
+        raise KinoeError(f"{problem}; the file is corrupt or was replaced: {_fix(tag_dir)}")
 
 
 def _load(path: Path) -> dict[str, Any]:
     """One DeepSpeed file, memory-mapped, unpickled with only tensors and DeepSpeed's own classes."""
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as error:
-        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        if unsupported:
-            raise KinoeError(
-                f"{path} pickles {unsupported.group(1)}, which kinoe does not unpickle from "
-                "checkpoints (code could run); report it with the DeepSpeed version that wrote it"
-            ) from None
-        raise _damaged(path, error) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
-        raise _damaged(path, error) from None
+    loaded = safe_load.load(path, _fix(path.parent), mmap=True)
     if not isinstance(loaded, dict):
         raise KinoeError(f"{path}: not a DeepSpeed checkpoint file; the checkpoint is damaged")
     return loaded
-
-
-def _damaged(path: Path, error: BaseException) -> KinoeError:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    first = first.split(". ")[0]  # torch's zip errors go on for several sentences
-    return KinoeError(
-        f"{path}: unreadable ({first[:200]}); the file is truncated or corrupt: {_fix(path.parent)}"
-    )
 
 
 def _fix(tag_dir: Path) -> str:
@@ -281,10 +241,14 @@ def _zero3_tensors(tag_dir: Path) -> dict[str, Any]:
 
     log = io.StringIO()
     try:
-        with contextlib.redirect_stdout(log):
+        with contextlib.redirect_stdout(log), safe_load.weights_only_loads():
             state_dict = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(
                 str(tag_dir.parent), tag=tag_dir.name, lazy_mode=True
             )
+    except pickle.UnpicklingError as error:
+        raise safe_load.refused(tag_dir, error) or KinoeError(
+            f"{tag_dir}: DeepSpeed cannot unpickle this ZeRO-3 checkpoint; it is damaged"
+        ) from None
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as error:
         raise KinoeError(
             f"{tag_dir}: DeepSpeed cannot consolidate this ZeRO-3 checkpoint "

@@ -29,6 +29,7 @@ ARGS_FROM_HF: dict[str, tuple[str, Callable[[Any], Config]]] = {
 
 def read_hf_config(hf_dir: Path) -> Any:
     """The transformers config of the model in ``hf_dir`` (its config.json)."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     if not (hf_dir / "config.json").is_file():
@@ -37,9 +38,11 @@ def read_hf_config(hf_dir: Path) -> Any:
         )
     try:
         return AutoConfig.from_pretrained(str(hf_dir))
-    except (ValueError, OSError, KeyError) as error:
+    except (ValueError, OSError, KeyError, TypeError, StrictDataclassError) as error:
+        # A wrongly typed field ("hidden_size": "big") is a StrictDataclassError, no ValueError.
+        reason = " ".join(str(error).split())
         raise KinoeError(
-            f"{hf_dir / 'config.json'}: transformers cannot read it ({str(error).splitlines()[0]})"
+            f"{hf_dir / 'config.json'}: transformers cannot read it ({reason[:200]}); fix the file"
         ) from None
 
 

@@ -77,13 +77,16 @@ def load_model(config: EvalConfig, logger: logging.Logger) -> LoadedModel:
     path = Path(config.model)
     tokenizer_path = Path(config.tokenizer) if config.tokenizer else path
     device_map: Any = {"": config.device} if config.device_map == "single" else "auto"
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=getattr(torch, config.dtype), device_map=device_map
         )
-    except (OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except (OSError, ValueError, TypeError, StrictDataclassError) as error:
+        # A wrongly typed config.json field is a StrictDataclassError over several lines.
+        first = " ".join(str(error).split())[:200] or type(error).__name__
         raise KinoeError(f"cannot load {path} as a causal LM with its tokenizer: {first}") from None
     model.eval()
     placement = check_placement(model, config.device, config.allow_offload, logger)

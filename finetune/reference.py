@@ -16,6 +16,8 @@ from finetune.examples import Unit
 from finetune.held_out import PAD_ID, equal_shares
 from finetune.model import build_model, open_model_source
 from finetune.packing import collate, evaluation_batches, segment_logps
+from training import safe_load
+from training.digests import file_damage, record_digest
 from training.losses import token_loss_function
 from training.world import World
 
@@ -34,20 +36,24 @@ def reference_logps(
     """Log-probabilities (units, 2), float64, of each pair's chosen and rejected answer under the reference.
 
     Computed once, before the first step, with the starting weights (or ``dpo.reference``) and
-    saved in the run directory: a resumed run must not take its already-trained weights for
-    the reference.
+    saved in the run directory with its SHA-256 beside it: a resumed run must not take its
+    already-trained weights for the reference, nor a damaged file for it.
     """
     path = run_dir / REFERENCE_FILE
-    if path.is_file():
-        stored = torch.load(path, weights_only=True)
-        if stored.shape == (len(units), 2):
+    problem = file_damage(path) if path.is_file() else f"{path} is missing"
+    if problem is None:
+        stored = safe_load.load(path, "delete it and restart without checkpoints to recompute it")
+        if isinstance(stored, torch.Tensor) and stored.shape == (len(units), 2):
             return stored
+        problem = f"{path} does not match the data ({len(units)} pairs)"
     if resume_step is not None:
         raise KinoeError(
-            f"{path} is missing or does not match the data, and the run has checkpoints: the "
+            f"{problem}, and the run has checkpoints: the "
             "reference log-probabilities of the starting model cannot be recomputed from trained "
             "weights; restore the file or start a new run (checkpoint.resume=none with a new run.name)"
         )
+    if path.is_file() and world.is_main:
+        logger.warning("%s; computing the reference log-probabilities again", problem)
     _, data_config, train_config = config.training()
     reference = torch.zeros(len(units), 2, dtype=torch.float64)
     scorer = engine
@@ -86,6 +92,7 @@ def reference_logps(
     reference = reduced.cpu()
     if world.is_main:
         torch.save(reference, path)
+        record_digest(path)
         logger.info(
             "reference log-probabilities of %d pairs computed in %.1f s",
             len(units),

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from common.errors import KinoeError
 from common.logs import setup_logging
+from common.secrets import redact
 
 # name -> (module, one-line help); a command is listed here only once its stage exists.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -83,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(module.main(args) or 0)
     except KinoeError as error:
-        for line in str(error).splitlines():
+        # The same redaction as the log file: a secret can sit inside a path or a URL.
+        for line in redact(str(error)).splitlines():
             print(f"kinoe {args.command}: error: {line}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:

@@ -136,3 +136,11 @@ def test_wandb_login_can_be_required(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
     report = diagnose(DoctorConfig(require_wandb_login=True, run_root=tmp_path))
     assert not any(p.startswith("wandb") for p in report.problems)
+
+
+def test_console_error_lines_are_redacted_like_the_log(kinoe, tmp_path):
+    key = "wk" + "0123456789abcdef" * 2
+    missing = tmp_path / key / "node.yaml"  # a secret inside a path the error line names
+    result = kinoe("doctor", "-c", str(missing), env={"WANDB_API_KEY": key})
+    assert result.returncode == 2
+    assert key not in result.stderr and "<redacted:WANDB_API_KEY>" in result.stderr

@@ -87,6 +87,16 @@ def test_wrong_type_names_key_and_value(tmp_path):
     assert "'train.steps'" in message and "'many'" in message and "integer" in message
 
 
+def test_numbers_are_numbers_and_quoted_numbers_are_refused(tmp_path):
+    # Bare 3e-3 is a float (YAML 1.1 would read a string); "3e-3" in quotes is refused.
+    assert load_config(Experiment, write(tmp_path, "train:\n  lr: 3e-3\n")).train.lr == 3e-3
+    assert load_config(Experiment, write(tmp_path, ""), ["train.lr=2E-4"]).train.lr == 2e-4
+    message = error_of(tmp_path, 'train:\n  lr: "3e-3"\n')
+    assert "\n" not in message
+    assert "'train.lr'" in message and "not the string '3e-3'" in message
+    assert "without quotes" in error_of(tmp_path, "", "train.steps='10'")
+
+
 def test_wrong_type_inside_a_list(tmp_path):
     message = error_of(tmp_path, "sources:\n  - path: a\n    weight: heavy\n")
     assert "'sources.0.weight'" in message

@@ -16,6 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 from test_pretrain_train import launch, run_dir, write_config
+from test_training_safe_load import CodePayload
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.errors import KinoeError
@@ -33,6 +34,7 @@ from pretrain.config import ModelConfig
 from tokenizer.chat import CHAT_TEMPLATE, TURN_END, TURN_START
 from tokenizer.hf_export import export_hf_tokenizer
 from training.checkpoint import TrainerState
+from training.digests import file_digest
 
 from conftest import REPO, SHARED_DATA
 
@@ -255,9 +257,10 @@ def damaged_copy(pretrain_run: Path, tmp_path: Path) -> tuple[Path, Path]:
 @pytest.mark.parametrize(
     ("stage", "damage", "message"),
     [
-        (2, "truncate_optimizer", "bytes, pretraining recorded"),
+        (2, "truncate_optimizer", "bytes, but"),
         (2, "truncate_unrecorded", "unreadable (PytorchStreamReader failed reading zip archive"),
-        (2, "flip_bytes", "SHA-256 differs"),
+        (2, "flip_bytes", "its SHA-256 differs from the one recorded when the checkpoint was"),
+        (2, "planted_pickle", "pickles posix.mkdir, which kinoe never unpickles"),
         (3, "missing_optimizer", "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing"),
         (3, "missing_model_states", "zero_pp_rank_1_mp_rank_00_model_states.pt is missing"),
         (2, "missing_trainer_state", "is not a complete checkpoint (no trainer_state.json"),
@@ -271,13 +274,19 @@ def test_damaged_checkpoint_fails_in_one_line(
     if damage.startswith("truncate"):
         with optimizer.open("r+b") as handle:
             handle.truncate(optimizer.stat().st_size // 2)
-        if damage == "truncate_unrecorded":  # a run still training has no output hashes yet
-            (copy / "manifest.json").unlink()
+        if damage == "truncate_unrecorded":  # written before kinoe recorded digests
+            state = json.loads((tag / "trainer_state.json").read_text())
+            (tag / "trainer_state.json").write_text(json.dumps({**state, "files": {}}))
     elif damage == "flip_bytes":
         data = bytearray(optimizer.read_bytes())
         middle = len(data) // 2
         data[middle : middle + 8] = bytes(255 - b for b in data[middle : middle + 8])
         optimizer.write_bytes(data)
+    elif damage == "planted_pickle":  # digests rewritten too, as whoever planted it would
+        torch.save({"optimizer_state_dict": CodePayload(tmp_path / "ran")}, optimizer)
+        state = json.loads((tag / "trainer_state.json").read_text())
+        state["files"][optimizer.name] = file_digest(optimizer)
+        (tag / "trainer_state.json").write_text(json.dumps(state))
     elif damage == "missing_optimizer":
         optimizer.unlink()
     elif damage == "missing_model_states":
@@ -291,6 +300,7 @@ def test_damaged_checkpoint_fails_in_one_line(
     assert message in line, line
     assert "Traceback" not in result.stderr
     assert not (step_dir(config, "to-hf") / "model.safetensors").exists()
+    assert not (tmp_path / "ran").exists()
 
 
 def test_verify_fails_when_one_weight_is_perturbed(trained, hf_tokenizer, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -11,10 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from common.errors import KinoeError
 from common.manifest import read_manifest
-from training.checkpoint import LATEST, STATE_FILE
+from training.checkpoint import LATEST, STATE_FILE, Checkpointer
+from training.config import CheckpointConfig
+from training.world import World
 
 from wandb_records import offline_runs, records_of
 
@@ -182,26 +187,53 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(shards, tmp_path):
 
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(shards, tmp_path):
+    # Also the digests: the newest complete checkpoint is then damaged (bytes overwritten in an
+    # optimizer shard, size unchanged), so resume must pass it over for the one before.
     config = write_config(
         tmp_path,
         shards,
         "crash",
         train={"steps": 20},
         checkpoint={"interval": 5},
-        drills={"crash_in_checkpoint_at_step": 10},
+        drills={"crash_in_checkpoint_at_step": 15},
     )
     crashed = launch(config, 2)
     assert crashed.returncode != 0
     checkpoints = run_dir(config) / "checkpoints"
-    assert (checkpoints / LATEST).read_text().strip() == "step_00000005"
-    assert (checkpoints / "step_00000010").is_dir()
-    assert not (checkpoints / "step_00000010" / STATE_FILE).exists()
+    assert (checkpoints / LATEST).read_text().strip() == "step_00000010"
+    assert (checkpoints / "step_00000015").is_dir()
+    assert not (checkpoints / "step_00000015" / STATE_FILE).exists()
+    recorded = json.loads((checkpoints / "step_00000010" / STATE_FILE).read_text())["files"]
+    shard = "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard = shard if shard in recorded else shard.removeprefix("bf16_")
+    assert {shard, "mp_rank_00_model_states.pt", "rng/rank00001.pt"} <= recorded.keys()
+    overwrite_middle(checkpoints / "step_00000010" / shard)
 
     resumed = launch(config, 2, "drills.crash_in_checkpoint_at_step=null")
     assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"step_00000010/{shard}: its SHA-256 differs" in resumed.stdout
+    assert "resuming from step_00000005, the newest intact checkpoint" in resumed.stdout
     assert "resumed from" in resumed.stdout and "step_00000005" in resumed.stdout
     assert [record["step"] for record in metrics(config)] == list(range(1, 21))
     assert (checkpoints / LATEST).read_text().strip() == "step_00000020"
+
+    # A damaged model-states file: refused by name when asked for, passed over for "latest".
+    overwrite_middle(checkpoints / "step_00000020" / "mp_rank_00_model_states.pt")
+    world = World(rank=0, local_rank=0, size=1, device=torch.device("cpu"))
+    logger = logging.getLogger("test")
+    asked = Checkpointer(checkpoints, CheckpointConfig(resume=20), world, logger)
+    with pytest.raises(KinoeError, match=r"step_00000020/mp_rank_00_model_states.pt: its SHA-256"):
+        asked.step_to_resume()
+    latest = Checkpointer(checkpoints, CheckpointConfig(resume="latest"), world, logger)
+    assert latest.step_to_resume() == 15
+
+
+def overwrite_middle(path: Path, count: int = 256) -> None:
+    """Overwrite ``count`` bytes in the middle of a file, its size unchanged (silent corruption)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + count] = bytes(255 - b for b in data[middle : middle + count])
+    path.write_bytes(data)
 
 
 def test_nan_step_is_skipped_counted_and_alerted(shards, tmp_path):

@@ -13,10 +13,19 @@ from pathlib import Path
 
 import pytest
 
+from common.config import Config
 from common.errors import KinoeError
 from common.manifest import FileRecord, hash_tree, read_manifest
 from common.progress import track
-from common.run import BOOKKEEPING, Stage, StageConfig, StageContext, load_stage_config, run_stage
+from common.run import (
+    BOOKKEEPING,
+    Stage,
+    StageConfig,
+    StageContext,
+    decide,
+    load_stage_config,
+    run_stage,
+)
 
 from conftest import REPO
 
@@ -123,6 +132,24 @@ def test_changed_config_is_refused_with_the_changed_key(config_file):
     assert other.status == "complete" and other.run_dir.name == "long"
 
 
+class GlobSource(Config):
+    glob: str
+
+
+class GlobConfig(StageConfig):
+    sources: list[GlobSource]
+
+
+def test_a_changed_key_inside_a_list_is_named_exactly(tmp_path):
+    stage = Stage("globs", GlobConfig, lambda context: {})
+    run = {"root": str(tmp_path / "runs"), "name": "g"}
+    first = {"run": run, "sources": [{"glob": "a/*.jsonl"}, {"glob": "b/*.jsonl"}]}
+    run_stage(stage, GlobConfig.model_validate(first))
+    changed = {**first, "sources": [{"glob": "a/*.jsonl.gz"}, {"glob": "b/*.jsonl"}]}
+    with pytest.raises(KinoeError, match=r"\(changed: sources\.0\.glob\)"):
+        run_stage(stage, GlobConfig.model_validate(changed))
+
+
 def test_changed_input_content_is_refused(config_file, corpus):
     run_stage(COUNT, load_stage_config(CountConfig, config_file))
     with gzip.open(corpus, "at", encoding="utf-8") as handle:
@@ -152,16 +179,45 @@ def test_failed_run_is_recorded_and_rerun(config_file, tmp_path):
     assert run_stage(COUNT, load_stage_config(CountConfig, config_file)).status == "complete"
 
 
+def test_a_killed_runs_manifest_reads_failed_on_the_next_start(config_file, tmp_path):
+    config = load_stage_config(CountConfig, config_file)
+    run_stage(COUNT, config)
+    path = tmp_path / "runs" / "count" / "leads" / "manifest.json"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    killed = json.loads(path.read_text())
+    killed["status"] = "running"
+    killed["host"]["pid"] = int(dead.stdout)  # a process that has ended, as a killed one has
+    path.write_text(json.dumps(killed))
+    decide(COUNT, config)
+    manifest = read_manifest(path.parent)
+    assert manifest.status == "failed" and "ended without recording an end" in manifest.error
+
+
 def test_secrets_never_reach_manifest_config_or_log(config_file, tmp_path, monkeypatch):
     key = secrets.token_hex(20)
     monkeypatch.setenv("WANDB_API_KEY", key)
+    # Webhook URLs are credentials whatever the name; other URLs when they carry one.
+    webhook = f"https://hooks.slack.com/services/T0/B0/{secrets.token_hex(12)}"
+    monkeypatch.setenv("SLACK_WEBHOOK_URL", webhook)
+    tracker = f"https://ci:{secrets.token_hex(8)}@tracker.example.org/api"
+    monkeypatch.setenv("TRACKER_URL", tracker)
+    monkeypatch.setenv("DOCS_URL", "https://docs.example.org/kinoe")  # no credential: kept
     # A user pasting the key into a config value is the worst case the runner must survive.
-    result = run_stage(COUNT, load_stage_config(CountConfig, config_file, [f"label={key}"]))
+    label = f"label={key} {webhook} {tracker} https://docs.example.org/kinoe"
+    result = run_stage(COUNT, load_stage_config(CountConfig, config_file, [label]))
     written = [p for p in result.run_dir.rglob("*") if p.is_file()]
     assert {"manifest.json", "config.yaml", "count.log"} <= {p.name for p in written}
     for path in written:
-        assert key not in path.read_text(encoding="utf-8", errors="replace"), path
-    assert "<redacted:WANDB_API_KEY>" in (result.run_dir / "manifest.json").read_text()
+        text = path.read_text(encoding="utf-8", errors="replace")
+        assert key not in text and webhook not in text and tracker not in text, path
+    manifest = (result.run_dir / "manifest.json").read_text()
+    assert "<redacted:WANDB_API_KEY>" in manifest and "<redacted:SLACK_WEBHOOK_URL>" in manifest
+    assert "<redacted:TRACKER_URL>" in manifest and "https://docs.example.org/kinoe" in manifest
 
 
 def test_concurrent_run_of_same_directory_is_refused(config_file, tmp_path):

@@ -6,12 +6,17 @@ Layout of the checkpoint directory::
     latest                      the tag of the newest complete checkpoint (DeepSpeed reads it too)
     step_00000100/              DeepSpeed's files for step 100 (one set per rank)
         rng/rank00000.pt        each rank's torch RNG states
-        trainer_state.json      written last: a tag directory without it is incomplete
+        trainer_state.json      written last: a tag directory without it is incomplete; it
+                                records the size and SHA-256 of every file above
 
 Saving writes DeepSpeed's shards and the RNG states, waits for every rank, then writes
 ``trainer_state.json`` and only then moves ``latest`` (an atomic rename). A crash before that
 leaves ``latest`` on the previous checkpoint, and the incomplete directory is removed at the
 next save or resume.
+
+Before a resume the chosen checkpoint's files are checked against those digests
+(training/digests.py); with ``checkpoint.resume: latest`` a damaged one is passed over for the
+newest intact one. Loading unpickles data only (training/safe_load.py).
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +36,9 @@ import torch
 import torch.distributed as dist
 
 from common.errors import KinoeError
+from training import safe_load
 from training.config import CheckpointConfig
+from training.digests import FileDigests, agreed_damage, digesting_engine, gather
 from training.world import World
 
 LATEST = "latest"
@@ -58,6 +66,8 @@ class TrainerState:
     # What the global sample order was computed from; resuming with another order would
     # repeat or skip samples, so it must match.
     data_order: dict[str, Any] = field(default_factory=dict)
+    # Size and SHA-256 of every file of the checkpoint, by path inside its tag directory.
+    files: FileDigests = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, path: Path) -> TrainerState:
@@ -130,13 +140,56 @@ class Checkpointer:
                 )
             return None
         if resume == "latest":
-            return self.latest_step()
-        if resume not in self.complete_steps():
+            newest = self.latest_step()
+            if newest is None:
+                return None
+            candidates = [step for step in reversed(self.complete_steps()) if step <= newest]
+        elif resume not in self.complete_steps():
             raise KinoeError(
                 f"checkpoint.resume={resume}: no complete checkpoint for that step in "
                 f"{self.directory}; complete ones: {self.complete_steps() or 'none'}"
             )
-        return int(resume)
+        else:
+            candidates = [int(resume)]
+        problems = []
+        for step in candidates:
+            problem = self._damage(step)
+            if problem is None:
+                if problems and self.world.is_main:
+                    self.logger.warning(
+                        "checkpoint.resume=latest: resuming from %s, the newest intact checkpoint",
+                        tag_for(step),
+                    )
+                return step
+            problems.append(problem)
+            if self.world.is_main:
+                self.logger.warning("checkpoint %s is damaged: %s", tag_for(step), problem)
+        if resume != "latest":
+            raise KinoeError(
+                f"{problems[0]}; checkpoint.resume={resume} is damaged: restore it or resume from "
+                f"another (complete: {self.complete_steps()})"
+            )
+        raise KinoeError(
+            f"{problems[0]}; every complete checkpoint in {self.directory} is damaged: restore "
+            "one from a copy, or start over with --force (which deletes them)"
+        )
+
+    def _damage(self, step: int) -> str | None:
+        """What is wrong with checkpoint ``step``'s files (checked over all ranks), or None."""
+        target = self.directory / tag_for(step)
+        try:
+            recorded = TrainerState.from_json(target / STATE_FILE).files
+        except KinoeError as error:
+            return str(error)
+        if not recorded:
+            if self.world.is_main:
+                self.logger.warning(
+                    "%s records no file digests (written before kinoe recorded them): loading "
+                    "it unverified",
+                    target,
+                )
+            return None
+        return agreed_damage(target, recorded, self.world.rank, self.world.size, self.world.control)
 
     def _barrier(self) -> None:
         if dist.is_initialized():
@@ -166,18 +219,21 @@ class Checkpointer:
             if target.exists():  # an earlier attempt at this step that did not finish
                 shutil.rmtree(target)
         self._barrier()
+        files = digesting_engine(engine)
         engine.save_checkpoint(str(self.directory), tag=tag, save_latest=False)
         rng_dir = target / RNG_DIR
         rng_dir.mkdir(parents=True, exist_ok=True)
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save(rng, rng_dir / f"rank{self.world.rank:05d}.pt")
+        files.save(rng, str(rng_dir / f"rank{self.world.rank:05d}.pt"))
         if while_writing is not None:
             while_writing(state.step)
+        digests = gather(files.written(target), self.world.control)
         self._barrier()
         if self.world.is_main:
-            _write_atomically(target / STATE_FILE, json.dumps(asdict(state), indent=2) + "\n")
+            written = asdict(replace(state, files=digests))
+            _write_atomically(target / STATE_FILE, json.dumps(written, indent=2) + "\n")
             _write_atomically(self.directory / LATEST, tag + "\n")
             self._prune(state.step)
         self._barrier()
@@ -232,13 +288,21 @@ class Checkpointer:
                 f"{self.world.size}; DeepSpeed cannot reshard ZeRO-{state.zero_stage} state "
                 f"directly: {convert}"
             )
+        digesting_engine(engine)
         try:
-            loaded, _ = engine.load_checkpoint(
-                str(self.directory),
-                tag=tag,
-                load_optimizer_states=True,
-                load_lr_scheduler_states=False,
-            )
+            with safe_load.weights_only_loads():
+                loaded, _ = engine.load_checkpoint(
+                    str(self.directory),
+                    tag=tag,
+                    load_optimizer_states=True,
+                    load_lr_scheduler_states=False,
+                )
+        except pickle.UnpicklingError as error:
+            raise safe_load.refused(self.directory / tag, error) or KinoeError(
+                f"{self.directory / tag}: cannot unpickle the DeepSpeed checkpoint "
+                f"({str(error).splitlines()[0]}); resume from an earlier one with "
+                f"checkpoint.resume=<step> ({self.complete_steps()})"
+            ) from None
         except (FileNotFoundError, RuntimeError, KeyError, EOFError) as error:
             first = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise KinoeError(
@@ -250,7 +314,9 @@ class Checkpointer:
             raise KinoeError(f"{target}: DeepSpeed found no checkpoint to load there")
         rng_file = target / RNG_DIR / f"rank{self.world.rank:05d}.pt"
         if state.world_size == self.world.size and rng_file.is_file():
-            rng = torch.load(rng_file, weights_only=True)
+            rng = safe_load.load(
+                rng_file, "resume from another checkpoint (checkpoint.resume=<step>)"
+            )
             torch.set_rng_state(rng["cpu"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
