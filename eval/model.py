@@ -39,6 +39,16 @@ class LoadedModel:
         """Token ids of ``text`` with the tokenizer's special tokens (BOS for kinoe's)."""
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
+    def encode_answer(self, answer: str) -> list[int]:
+        """The ids ``answer`` takes where a prompt's answer is generated: after ``### 応答:\\n``."""
+        cue = "### 応答:\n"
+        before = self.tokenizer(cue, add_special_tokens=False)["input_ids"]
+        after = self.tokenizer(cue + answer, add_special_tokens=False)["input_ids"]
+        shared = 0
+        while shared < min(len(before), len(after)) and before[shared] == after[shared]:
+            shared += 1
+        return list(after[shared:])
+
     @property
     def bos_id(self) -> int | None:
         return self.tokenizer.bos_token_id

@@ -104,6 +104,41 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {result.get('prompt_version')} | {'—' if wall is None else f'{wall:.1f}'} "
                 f"| {result.get('truncated_prompts', 0)} |"
             )
+    for result in report["results"]:
+        if result.get("skipped"):
+            lines.append(
+                f"| {result['task']} | {result['scoring']} | skipped: {result['skipped']} | | | | | | |"
+            )
+    dropped = [r for r in report["results"] if r.get("malformed")]
+    if dropped:
+        lines += [
+            "",
+            "Malformed records skipped: "
+            + ", ".join(f"{r['task']} {r['scoring']} {r['malformed']}" for r in dropped)
+            + " (each with file:line and reason in report.json).",
+        ]
+    limits = [r for r in report["results"] if r.get("answer_length")]
+    if limits:
+        lines += [
+            "",
+            "Generation limits (new tokens, in this model's tokens): "
+            + ", ".join(
+                f"{r['task']} {r['answer_length']['max_new_tokens']}"
+                f" (longest gold {r['answer_length']['longest_gold_tokens']}"
+                + (
+                    f", **{r['answer_length']['golds_longer_than_limit']} golds longer**"
+                    if r["answer_length"]["golds_longer_than_limit"]
+                    else ""
+                )
+                + ")"
+                for r in limits
+            )
+            + ".",
+        ]
+    if report.get("llm_jp_eval"):
+        from eval.categories import markdown_lines
+
+        lines += markdown_lines(report["llm_jp_eval"])
     placement = settings.get("placement") or {}
     if placement.get("misplaced"):
         lines += [
