@@ -81,6 +81,8 @@ class TaskSource:
             hint = (
                 DOWNLOAD_FIRST if task.folder == "jglue" else f"set task_files.{task.name}.{split}"
             )
+            if split == "train":
+                hint += f", or set task_shots.{task.name}=0"
             raise KinoeError(f"{task.name}: {self.folder / pattern} not found; {hint}")
         return paths
 
@@ -171,9 +173,14 @@ def llm_jp_eval_train_dev(task: Task, data_dir: Path, seed: int) -> tuple[list[d
 
 
 def load_task(
-    task: Task, scoring: str, source: TaskSource, split: str, shots: int, seed: int
+    task: Task, scoring: str, source: TaskSource | Path, split: str, shots: int, seed: int
 ) -> TaskData:
-    """The evaluation examples of ``split`` and the first ``shots`` examples of the few-shot pool."""
+    """The evaluation examples of ``split`` and the first ``shots`` examples of the few-shot pool.
+
+    ``source`` is where the files are; a folder stands for the task's upstream file names in it.
+    """
+    if not isinstance(source, TaskSource):
+        source = TaskSource(Path(source), dict(task.files))
     render = task.prompt_format(scoring).render
     malformed: list[str] = []
     excluded = 0
