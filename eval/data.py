@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -158,6 +159,12 @@ def render_records(
     return samples, malformed
 
 
+def _file_order(line: str) -> tuple[str, int]:
+    """Sort key of a ``path:line: reason`` line: by file, then line."""
+    found = re.match(r"(.*?):(\d+): ", line)
+    return (found[1], int(found[2])) if found else (line, 0)
+
+
 def llm_jp_eval_train_dev(task: Task, data_dir: Path, seed: int) -> tuple[list[dict], list[dict]]:
     """The train file's well-formed records shuffled with ``seed`` and cut into (train, dev), as llm-jp-eval does."""
     source = TaskSource(Path(data_dir), dict(task.files))
@@ -189,7 +196,7 @@ def load_task(
         nonlocal excluded
         read = read_split(task, source, part)
         samples, bad = render_records(task, read.records, render)
-        malformed.extend(read.malformed + bad)
+        malformed.extend(sorted(read.malformed + bad, key=_file_order))
         excluded += read.excluded
         return samples
 
