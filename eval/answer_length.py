@@ -44,14 +44,15 @@ class AnswerLength:
 
 
 def answer_length(
-    encode: Callable[[str], list[int]],
+    encode: Callable[[list[str]], list[list[int]]],
     golds: Sequence[str],
     llm_jp_eval_tokens: int,
     fixed: int | None = None,
 ) -> AnswerLength:
-    """The limit for answers ``golds`` under the tokenizer ``encode`` (text -> ids, no special tokens)."""
+    """The limit for answers ``golds`` under ``encode`` (texts -> each one's ids where an answer starts)."""
     frequency = Counter(golds)
-    counts = {gold: len(encode(gold)) for gold in frequency}
+    unique = list(frequency)
+    counts = {gold: len(ids) for gold, ids in zip(unique, encode(unique), strict=True)}
     longest = max(counts.values(), default=0)
     limit = fixed if fixed is not None else max(llm_jp_eval_tokens, longest + MARGIN)
     return AnswerLength(

@@ -180,11 +180,18 @@ def llm_jp_eval_train_dev(task: Task, data_dir: Path, seed: int) -> tuple[list[d
 
 
 def load_task(
-    task: Task, scoring: str, source: TaskSource | Path, split: str, shots: int, seed: int
+    task: Task,
+    scoring: str,
+    source: TaskSource | Path,
+    split: str,
+    shots: int,
+    seed: int,
+    reads: dict | None = None,
 ) -> TaskData:
     """The evaluation examples of ``split`` and the first ``shots`` examples of the few-shot pool.
 
     ``source`` is where the files are; a folder stands for the task's upstream file names in it.
+    ``reads`` keeps the files read, so a task's second scoring mode does not parse them again.
     """
     if not isinstance(source, TaskSource):
         source = TaskSource(Path(source), dict(task.files))
@@ -194,7 +201,12 @@ def load_task(
 
     def samples_of(part: str) -> list[Sample]:
         nonlocal excluded
-        read = read_split(task, source, part)
+        key = (task.name, part, tuple(source.paths(task, part)))
+        read = reads.get(key) if reads is not None else None
+        if read is None:
+            read = read_split(task, source, part)
+            if reads is not None:
+                reads[key] = read
         samples, bad = render_records(task, read.records, render)
         malformed.extend(sorted(read.malformed + bad, key=_file_order))
         excluded += read.excluded

@@ -39,15 +39,12 @@ class LoadedModel:
         """Token ids of ``text`` with the tokenizer's special tokens (BOS for kinoe's)."""
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
-    def encode_answer(self, answer: str) -> list[int]:
-        """The ids ``answer`` takes where a prompt's answer is generated: after ``### 応答:\\n``."""
+    def encode_answers(self, answers: list[str]) -> list[list[int]]:
+        """The ids each answer takes where a prompt's answer is generated: after ``### 応答:\\n``."""
         cue = "### 応答:\n"
         before = self.tokenizer(cue, add_special_tokens=False)["input_ids"]
-        after = self.tokenizer(cue + answer, add_special_tokens=False)["input_ids"]
-        shared = 0
-        while shared < min(len(before), len(after)) and before[shared] == after[shared]:
-            shared += 1
-        return list(after[shared:])
+        encoded = self.tokenizer([cue + a for a in answers], add_special_tokens=False)["input_ids"]
+        return [_after_shared_prefix(before, after) for after in encoded]
 
     @property
     def bos_id(self) -> int | None:
@@ -173,3 +170,10 @@ class Batcher:
             start += len(chunk)
             done(len(chunk))
         return results
+
+
+def _after_shared_prefix(prefix: list[int], ids: list[int]) -> list[int]:
+    shared = 0
+    while shared < min(len(prefix), len(ids)) and prefix[shared] == ids[shared]:
+        shared += 1
+    return list(ids[shared:])

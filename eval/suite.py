@@ -43,13 +43,14 @@ def run_suite(
     pairs = plan(config)
     if not pairs:
         logger.warning("no task supports the selected scoring %s", config.scoring)
-    results = []
+    results, reads = [], {}
     for task_name, scoring in pairs:
         started = time.monotonic()
         if scoring == "bpc":
             result = _bpc(config, loaded, logger)
         else:
-            result = _dataset(config, loaded, REGISTRY[task_name], scoring, run_dir, logger)
+            task = REGISTRY[task_name]
+            result = _dataset(config, loaded, task, scoring, run_dir, logger, reads)
         if result.get("skipped"):
             results.append(result)
             continue
@@ -79,9 +80,11 @@ def _dataset(
     scoring: str,
     run_dir: Path,
     logger: logging.Logger,
+    reads: dict,
 ) -> dict[str, Any]:
     shots = config.shots_for(task.name)
-    data = load_task(task, scoring, config.source_for(task.name), config.split, shots, config.seed)
+    source = config.source_for(task.name)
+    data = load_task(task, scoring, source, config.split, shots, config.seed, reads)
     for line in data.malformed[:SHOWN_MALFORMED]:
         logger.warning("%s: skipped a malformed record: %s", task.name, line)
     if len(data.malformed) > SHOWN_MALFORMED:
@@ -153,7 +156,7 @@ def _answer_length(config, loaded, task, data, logger):
 
     golds = [sample.output for sample in [*data.examples, *data.shots]]
     limit = answer_length(
-        loaded.encode_answer,
+        loaded.encode_answers,
         golds,
         task.output_length,
         config.task_max_new_tokens.get(task.name),

@@ -141,7 +141,7 @@ def test_generation_limit_fits_every_jnli_label_in_a_kinoe_tokenizer(kinoe_model
     loaded = LoadedModel(None, tokenizer, None, 1024, None, {})
     labels = list(JNLI_LABELS)
     golds = labels * 5
-    limit = answer_length(loaded.encode_answer, golds, REGISTRY["jnli"].output_length)
+    limit = answer_length(loaded.encode_answers, golds, REGISTRY["jnli"].output_length)
     prompt = "### 指示:\n前提と仮説の関係を回答してください。\n\n### 入力:\n前提：犬\n仮説：猫\n\n### 応答:\n"
     base = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     for label in labels:
@@ -152,7 +152,7 @@ def test_generation_limit_fits_every_jnli_label_in_a_kinoe_tokenizer(kinoe_model
     assert limit.max_new_tokens == max(3, limit.longest_gold_tokens + MARGIN)
     assert limit.golds_longer_than_limit == 0
     # llm-jp-eval's 3 tokens, fixed, cut every label of this tokenizer: counted, never silent.
-    fixed = answer_length(loaded.encode_answer, golds, 3, fixed=3)
+    fixed = answer_length(loaded.encode_answers, golds, 3, fixed=3)
     assert limit.longest_gold_tokens > 3 and fixed.golds_longer_than_limit == len(golds)
     assert fixed.summary()["rule"] == "task_max_new_tokens"
 
@@ -206,7 +206,7 @@ def test_suite_end_to_end_on_the_tiny_trained_model(kinoe_model_dir, tmp_path):
     config = suite_config(
         f"run.root={tmp_path / 'runs'}", "run.name=suite", f"model={kinoe_model_dir}",
         "device=cpu", "dtype=float32", "limit=2", "batch_size=4", "shots=1",
-        f"task_files.jsick.test={bad}", "task_max_new_tokens.jemhopqa=1",
+        f"task_files.jsick.test={bad}", "task_max_new_tokens.niilc=4",
     )  # fmt: skip
     result = run_stage(STEPS["run"], config)
     assert result.status == "complete"
@@ -216,9 +216,7 @@ def test_suite_end_to_end_on_the_tiny_trained_model(kinoe_model_dir, tmp_path):
     assert set(by_pair) == expected
     skipped = [pair for pair, r in by_pair.items() if r.get("skipped")]
     assert sorted(skipped) == [("jsick", "generation"), ("jsick", "loglik")]
-    assert by_pair["jsick", "loglik"]["malformed_records"] == [
-        f"{bad}:2: 2 columns, the header has 4"
-    ]
+    assert by_pair["jsick", "loglik"]["malformed_records"] == [f"{bad}:2: no field 'sentence_B_Ja'"]
     for pair, r in by_pair.items():
         if pair[0] != "jsick":
             assert r["examples"] == 2 and r["metrics"], pair
@@ -230,10 +228,10 @@ def test_suite_end_to_end_on_the_tiny_trained_model(kinoe_model_dir, tmp_path):
     for r in generated:
         task = REGISTRY[r["task"]]
         assert r["decoding"]["max_new_tokens"] == r["answer_length"]["max_new_tokens"]
-        if r["task"] != "jemhopqa":
+        if r["task"] != "niilc":
             assert r["answer_length"]["max_new_tokens"] >= task.output_length
             assert r["answer_length"]["golds_longer_than_limit"] == 0
-    assert by_pair["jemhopqa", "generation"]["answer_length"]["golds_longer_than_limit"] > 0
+    assert by_pair["niilc", "generation"]["answer_length"]["golds_longer_than_limit"] > 0
     categories = report["llm_jp_eval"]["categories"]
     assert categories["NLI"]["missing"] == ["jsick"] and categories["QA"]["missing"] == ["aio"]
     assert not report["llm_jp_eval"]["AVG"]["comparable_with_llm_jp_eval"]
