@@ -84,6 +84,8 @@ def load_model(config: EvalConfig, logger: logging.Logger) -> LoadedModel:
     path = Path(config.model)
     tokenizer_path = Path(config.tokenizer) if config.tokenizer else path
     device_map: Any = {"": config.device} if config.device_map == "single" else "auto"
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         model = AutoModelForCausalLM.from_pretrained(
@@ -92,6 +94,10 @@ def load_model(config: EvalConfig, logger: logging.Logger) -> LoadedModel:
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise KinoeError(f"cannot load {path} as a causal LM with its tokenizer: {first}") from None
+    except StrictDataclassError as error:
+        # transformers checks config.json's field types and raises a multi-line error of its own.
+        last = str(error).strip().splitlines()[-1].strip()
+        raise KinoeError(f"{path / 'config.json'}: {last}; fix that field") from None
     model.eval()
     placement = check_placement(model, config.device, config.allow_offload, logger)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)

@@ -240,3 +240,20 @@ def test_suite_end_to_end_on_the_tiny_trained_model(kinoe_model_dir, tmp_path):
     assert "**Not** llm-jp-eval's AVG" in markdown and "| NLI |" in markdown
     assert "golds longer" in markdown
     assert (result.run_dir / "prompts" / "mawps-generation.txt").read_text().endswith("### 応答:\n")
+
+
+def test_a_config_json_with_a_wrong_type_is_one_line(kinoe_model_dir, tmp_path):
+    import logging
+    import shutil
+
+    from eval.model import load_model
+
+    model = Path(shutil.copytree(kinoe_model_dir, tmp_path / "model"))
+    fields = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**fields, "num_hidden_layers": "2"}))
+    config = EvalConfig.model_validate({"model": str(model), "device": "cpu", "dtype": "float32"})
+    with pytest.raises(KinoeError) as caught:
+        load_model(config, logging.getLogger("kinoe.test_eval_suite"))
+    message = str(caught.value)
+    assert message.startswith(f"{model / 'config.json'}: ") and "\n" not in message
+    assert "'num_hidden_layers' expected int, got str" in message
