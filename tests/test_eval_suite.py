@@ -257,3 +257,91 @@ def test_a_config_json_with_a_wrong_type_is_one_line(kinoe_model_dir, tmp_path):
     message = str(caught.value)
     assert message.startswith(f"{model / 'config.json'}: ") and "\n" not in message
     assert "'num_hidden_layers' expected int, got str" in message
+
+
+def test_evaluation_while_training_matches_kinoe_eval_on_the_same_weights(
+    kinoe_model_dir, tmp_path, caplog
+):
+    """The callback on a kinoe model holding the tiny trained weights gives `kinoe eval`'s figures."""
+    import logging
+    import os
+
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eval.bpc import bits_per_character, prepare_windows, read_texts
+    from eval.loglik import build_request, score_choices
+    from eval.metrics import choice_accuracy
+    from eval.model import Batcher
+    from eval.placement import inspect_placement
+    from eval.tasks.base import few_shot_header, prompt
+    from models.mistral.model import Mistral
+    from models.mistral.state_dict import args_from_hf_config, from_hf
+    from training.callbacks import RunInfo, standard_callbacks
+    from training.config import EvaluationConfig, MonitorConfig
+    from training.world import World
+
+    needs_data()
+    hf = AutoModelForCausalLM.from_pretrained(kinoe_model_dir, dtype=torch.float32).eval()
+    args = args_from_hf_config(hf.config)
+    model = Mistral(args)
+    missing, unexpected = model.load_state_dict(from_hf(hf.state_dict()), strict=False)
+    assert not unexpected and all("rope" in name for name in missing)
+    texts = [SHARED_DATA / "corpus" / "wikipedia_ja_leads.jsonl.gz"]
+    with pytest.raises(ValueError, match="jsquad has no closed answer set"):
+        EvaluationConfig(interval=2, tokenizer=kinoe_model_dir, tasks=["jsquad"])
+    monitor = MonitorConfig(
+        evaluation=EvaluationConfig(
+            interval=2, tokenizer=kinoe_model_dir, bpc_texts=texts, bpc_max_documents=3,
+            tasks=["jcommonsenseqa", "jmmlu"], limit=4, shots=1,
+            data_dir=EVAL_DATA, jglue_dir=EVAL_DATA / "jglue", micro_batch_size=3,
+        )
+    )  # fmt: skip
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    started_here = not dist.is_initialized()
+    if started_here:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{29400 + os.getpid() % 500}", rank=0, world_size=1
+        )
+    try:
+        world = World(0, 0, 1, torch.device("cpu"), dist.group.WORLD)
+        logger = logging.getLogger("kinoe.test_eval_suite")
+        run = RunInfo("during", tmp_path, {}, 1, world.device, 1.0, logger)
+        callbacks = standard_callbacks(monitor, run, world, model, total_steps=3)
+        with caplog.at_level(logging.INFO, logger="kinoe.test_eval_suite"):
+            callbacks.on_step_end(1, model)  # neither the interval nor the end
+            callbacks.on_step_end(2, model)
+            callbacks.on_step_end(3, model)  # the end
+    finally:
+        if started_here:
+            dist.destroy_process_group()
+    lines = [json.loads(line) for line in (tmp_path / "evaluation.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 3] and lines[0] == {**lines[1], "step": 2} | {
+        "eval/seconds": lines[0]["eval/seconds"]
+    }
+    assert "evaluation at step 2: eval/bpc" in caplog.text
+    during = lines[0]
+
+    # kinoe eval's own scorers on the Hugging Face directory holding the same weights.
+    tokenizer = AutoTokenizer.from_pretrained(kinoe_model_dir)
+    loaded = LoadedModel(
+        hf, tokenizer, torch.device("cpu"), args.max_seq_len, inspect_placement(hf, "cpu"), {}
+    )
+    batcher = Batcher(4, 4, logger)
+    documents, _ = read_texts(texts, 3)
+    bpc = bits_per_character(loaded, prepare_windows(loaded, documents, None), batcher, lambda n: 0)
+    assert during["eval/bpc"] == pytest.approx(bpc["bpc"], rel=1e-4)
+    for name in ("jcommonsenseqa", "jmmlu"):
+        task = REGISTRY[name]
+        source = task_source(task, EVAL_DATA, EVAL_DATA / "jglue")
+        data = load_task(task, "loglik", source, "test", 1, 42)
+        header = few_shot_header(task.loglik.instruction, data.shots)
+        examples = data.examples[:4]
+        requests = [build_request(loaded, prompt(header, s), s.choices) for s in examples]
+        scores = score_choices(loaded, requests, batcher, lambda n: 0)
+        figures = choice_accuracy(
+            scores, [s.choices for s in examples], [s.choices.index(s.output) for s in examples]
+        )
+        assert during[f"eval/{name}/acc"] == figures["acc"], name
+        assert during[f"eval/{name}/acc_norm"] == figures["acc_norm"], name
