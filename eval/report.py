@@ -251,4 +251,13 @@ def log_to_wandb(report: dict[str, Any], settings, run_dir: Path, run_name: str)
         for row in rows:
             if isinstance(row["value"], int | float):
                 run.summary[f"eval/{row['task']}/{row['scoring']}/{row['metric']}"] = row["value"]
+        categories = report.get("llm_jp_eval") or {}
+        for name, category in categories.get("categories", {}).items():
+            if category["score"] is not None:
+                run.summary[f"eval/llm_jp_eval/{name}"] = category["score"]
+        if categories.get("AVG", {}).get("score") is not None:
+            # Named so that nobody reads it as llm-jp-eval's AVG when datasets are missing.
+            complete = categories["AVG"]["comparable_with_llm_jp_eval"]
+            key = "AVG" if complete else "AVG_incomplete"
+            run.summary[f"eval/llm_jp_eval/{key}"] = categories["AVG"]["score"]
         return run.id
