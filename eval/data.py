@@ -175,7 +175,7 @@ def llm_jp_eval_train_dev(task: Task, data_dir: Path, seed: int) -> tuple[list[d
     ]
     fields = [r.fields for r in records]
     random.Random(seed).shuffle(fields)
-    cut = round(len(fields) * (1 - task.dev_share))
+    cut = int(len(fields) * (1 - task.dev_share))  # llm-jp-eval's int(), not round()
     return fields[:cut], fields[cut:]
 
 
@@ -232,7 +232,7 @@ def load_task(
         if shots > 0 or split == "dev":
             train = samples_of("train")
             random.Random(seed).shuffle(train)
-            cut = round(len(train) * (1 - task.dev_share))
+            cut = int(len(train) * (1 - task.dev_share))
             pool, dev = train[:cut], train[cut:]
         if split == "dev":
             examples = dev

@@ -134,6 +134,22 @@ def test_malformed_records_are_one_line_each_and_skipped(tmp_path):
     ]
 
 
+def test_a_file_serving_both_splits_is_divided_by_its_split_column(tmp_path):
+    janli = REGISTRY["janli"]
+    header = "\tsentence_A_Ja\tsentence_B_Ja\tentailment_label_Ja\tsplit\n"
+    rows = [
+        f"{i}\t文{i}\t文{i}だ\tentailment\t{'test' if i % 3 == 0 else 'train'}\n" for i in range(9)
+    ]
+    write(tmp_path / "janli" / "janli.tsv", header + "".join(rows))
+    source = task_source(janli, tmp_path)  # upstream: janli.tsv for both splits
+    data = load_task(janli, "loglik", source, "test", 2, 42)
+    assert [s.id for s in data.examples] == ["0", "3", "6"]
+    assert {s.id for s in data.shots} <= {"1", "2", "4", "5", "7", "8"}
+    # A file named for one split only is read whole.
+    whole = task_source(janli, tmp_path, files={"test": "janli.tsv", "train": "other.tsv"})
+    assert len(load_task(janli, "loglik", whole, "test", 0, 42).examples) == 9
+
+
 def test_generation_limit_fits_every_jnli_label_in_a_kinoe_tokenizer(kinoe_model_dir):
     from transformers import AutoTokenizer
 

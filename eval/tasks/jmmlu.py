@@ -18,14 +18,18 @@ _read_csv = csv_reader(("question", *LETTERS, "answer"))
 
 def _read(path: Path) -> Read:
     read = _read_csv(path)
-    read.records = [Record(r.origin, {**r.fields, "subject": path.stem}) for r in read.records]
+    # The id names the subject and the line the question starts on in its upstream CSV.
+    read.records = [
+        Record(r.origin, {**r.fields, "id": f"{path.stem}:{r.origin.rsplit(':', 1)[1]}"})
+        for r in read.records
+    ]
     return read
 
 
 def _render(record: dict[str, Any]) -> Sample:
     listed = ",".join(f"{letter}.{record[letter]}" for letter in LETTERS)
     return Sample(
-        id=f"{record['subject']}:{record['question'][:20]}",
+        id=str(record["id"]),
         input=f"質問：{record['question']}\n選択肢：{listed}",
         output=record["answer"].strip(),
         choices=LETTERS,
