@@ -52,9 +52,13 @@ def build_jaster(config: JasterConfig, out_dir: Path) -> dict[str, Any]:
     skipped: dict[str, str] = {}
     for name in config.tasks:
         task = REGISTRY[name]
-        folder = task_source(
-            task, config.data_dir, config.jglue_dir, {"test": task.files["test"]}
-        ).folder
+        key = "jglue_dir" if task.folder == "jglue" else "data_dir"
+        if getattr(config, key) is None and (task.folder != "jglue" or config.data_dir is None):
+            raise KinoeError(
+                f"jaster.{key} is not set; set it to the folder holding {name}'s files "
+                "(e.g. ../shared/data/eval" + ("/jglue" if key == "jglue_dir" else "") + ")"
+            )
+        folder = task_source(task, config.data_dir, config.jglue_dir).folder
         if not (folder / task.files["train"]).is_file():
             skipped[name] = f"{folder / task.files['train']} not found"
             logger.warning("jaster: %s skipped, %s has no %s", name, folder, task.files["train"])
