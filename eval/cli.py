@@ -54,20 +54,21 @@ def _run_inputs(config: EvalConfig) -> dict[str, Path]:
     from eval.tasks import REGISTRY
 
     inputs = _model_inputs(config)
-    if config.jglue_tasks:
-        if config.jglue_dir is None:
-            raise KinoeError(
-                "jglue_dir is not set; set jglue_dir=<folder of JGLUE files> "
-                "(`kinoe eval download --to <folder>` fetches them)"
-            )
-        jglue = Path(config.jglue_dir)
-        for name in config.jglue_tasks:
-            files = REGISTRY[name].files
-            if config.split == "test":
-                inputs[f"JGLUE test file of {name}: {DOWNLOAD_FIRST}"] = jglue / files["test"]
-            if config.shots_for(name) > 0 or config.split == "dev":
-                key = f"JGLUE train file of {name}: {DOWNLOAD_FIRST}, or set task_shots.{name}=0"
-                inputs[key] = jglue / files["train"]
+    for name in config.dataset_tasks:
+        task, source = REGISTRY[name], config.source_for(name)
+        splits = ["test"] if config.split == "test" or "train" not in source.files else []
+        if "train" in source.files and (config.shots_for(name) > 0 or config.split == "dev"):
+            splits.append("train")
+        for split in splits:
+            pattern = source.files[split]
+            hint = DOWNLOAD_FIRST if task.folder == "jglue" else f"set task_files.{name}.{split}"
+            if split == "train":
+                hint += f", or set task_shots.{name}=0"
+            if any(char in pattern for char in "*?["):
+                for index, path in enumerate(source.paths(task, split)):
+                    inputs[f"{split} file {index} of {name}"] = path
+            else:
+                inputs[f"{split} file of {name}: {hint}"] = source.folder / pattern
     for index, path in enumerate(config.bpc.texts if "bpc" in config.tasks else []):
         inputs[f"bpc.texts.{index}"] = Path(path)
     return inputs
@@ -96,7 +97,7 @@ def _report_frame(config: EvalConfig, run_dir: Path, model: dict[str, Any]) -> d
             "split": config.split,
             "seed": config.seed,
             "subset": subset,
-            "shots": {name: config.shots_for(name) for name in config.jglue_tasks},
+            "shots": {name: config.shots_for(name) for name in config.dataset_tasks},
             "device": config.device,
             "dtype": config.dtype,
             "device_map": config.device_map,
@@ -117,6 +118,7 @@ def _log_wandb(config: EvalConfig, report: dict[str, Any], context: StageContext
 
 def run_step(context: StageContext[EvalConfig]) -> dict[str, Any]:
     """JGLUE tasks in each scoring mode, and bits per character: report.json and report.md."""
+    from eval.categories import category_scores
     from eval.model import load_model
     from eval.report import write_report
     from eval.suite import run_suite
@@ -127,10 +129,12 @@ def run_step(context: StageContext[EvalConfig]) -> dict[str, Any]:
     report = _report_frame(config, context.run_dir, loaded.info)
     report["settings"].update(max_length=loaded.max_length, placement=loaded.placement.summary())
     report["results"] = results
+    report["llm_jp_eval"] = category_scores(results)
     _log_wandb(config, report, context)
     write_report(context.run_dir, report)
     return {
         "scores": {f"{r['task']}/{r['scoring']}": r["metrics"] for r in results},
+        "skipped": [r["task"] for r in results if r.get("skipped")],
         "report": "report.json",
     }
 
@@ -218,6 +222,9 @@ STEPS: dict[str, Stage] = {
                 "task_shots",
                 "seed",
                 "jglue_dir",
+                "data_dir",
+                "task_files",
+                "task_max_new_tokens",
                 "max_length",
                 "bpc",
             }

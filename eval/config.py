@@ -135,7 +135,7 @@ class EvalConfig(StageConfig):
     )
     tasks: list[str] = Field(
         default_factory=lambda: list(JGLUE_TASKS),
-        description="JGLUE tasks from the registry, and 'bpc' for bits per character",
+        description="Tasks from the registry (eval/tasks/), and 'bpc' for bits per character",
     )
     scoring: list[Scoring] = Field(
         default_factory=lambda: ["loglik", "generation"],
@@ -157,6 +157,21 @@ class EvalConfig(StageConfig):
     )
     jglue_dir: Path | None = Field(
         None, description="Folder of <task>-<split>.json files (`kinoe eval download` writes one)"
+    )
+    data_dir: Path | None = Field(
+        None,
+        description="Folder of one folder per dataset (jmmlu/, niilc/, ...), e.g. ../shared/data/eval; "
+        "JGLUE reads jglue_dir when set, else <data_dir>/jglue",
+    )
+    task_files: dict[str, dict[Literal["train", "test"], str]] = Field(
+        default_factory=dict,
+        description="Per task, the file name or glob pattern a split reads in its folder "
+        "(default: upstream's names), e.g. task_files.jsick.test=train.tsv",
+    )
+    task_max_new_tokens: dict[str, int] = Field(
+        default_factory=dict,
+        description="A fixed generation limit per task; default: the longest gold answer in the "
+        "model's tokens plus a margin, never below llm-jp-eval's output length",
     )
     max_length: int | None = Field(
         None,
@@ -208,15 +223,28 @@ class EvalConfig(StageConfig):
             raise ValueError("tasks has 'bpc' but bpc.texts is empty; list held-out text files")
         from eval.tasks import REGISTRY
 
-        unknown = sorted(set(self.task_shots) - set(REGISTRY))
-        if unknown:
-            raise ValueError(f"task_shots names unknown tasks: {', '.join(unknown)}")
+        for key in ("task_shots", "task_files", "task_max_new_tokens"):
+            unknown = sorted(set(getattr(self, key)) - set(REGISTRY))
+            if unknown:
+                raise ValueError(
+                    f"{key} names unknown tasks: {', '.join(unknown)}; known: {', '.join(REGISTRY)}"
+                )
+        small = {k: v for k, v in self.task_max_new_tokens.items() if v < 1}
+        if small:
+            raise ValueError(f"task_max_new_tokens must be at least 1: {small}")
         return self
 
     @property
-    def jglue_tasks(self) -> list[str]:
-        """The selected tasks that read JGLUE data, in order."""
+    def dataset_tasks(self) -> list[str]:
+        """The selected tasks that read a dataset (all but bpc), in order."""
         return [task for task in self.tasks if task != BPC_TASK]
+
+    def source_for(self, name: str):
+        """Where task ``name`` reads its files (``eval.data.TaskSource``)."""
+        from eval.data import task_source
+        from eval.tasks import REGISTRY
+
+        return task_source(REGISTRY[name], self.data_dir, self.jglue_dir, self.task_files.get(name))
 
     def shots_for(self, task: str) -> int:
         """Few-shot examples for ``task``."""

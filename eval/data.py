@@ -1,8 +1,9 @@
-"""JGLUE data: splits as llm-jp-eval makes them, deterministic subsets, and the pinned download.
+"""Evaluation data: where each task's files are, splits as llm-jp-eval makes them, bad records, subsets, the pinned JGLUE download.
 
-llm-jp-eval v1.x turns JGLUE into three splits: ``test`` is JGLUE's valid file; JGLUE's train
-file is shuffled with ``random.seed(42)`` and cut 90/10 into ``train`` (few-shot examples are
-its first N) and ``dev``. ``random.Random(seed).shuffle`` is the same Mersenne Twister sequence,
+llm-jp-eval v1.x makes three splits: ``test`` is the dataset's test file (JGLUE's valid file);
+the train file is shuffled with ``random.seed(42)`` and cut 90/10 into ``train`` (few-shot
+examples are its first N) and ``dev``. A record that cannot be read or rendered is one
+``path:line: reason`` line, counted and left out. ``random.Random(seed).shuffle`` is the same Mersenne Twister sequence,
 so with seed 42 the few-shot examples are exactly the ones llm-jp-eval picks from the same file.
 """
 
@@ -10,13 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import KinoeError
 from common.logs import get_logger
 from eval.tasks.base import Sample, Task
+from eval.tasks.readers import Read, Record
 
 TRAIN_SHARE = 0.9
 JGLUE_TAG = "v1.3.0"
@@ -61,56 +65,187 @@ JGLUE_FILES: dict[str, tuple[str, str | None]] = {
 
 
 @dataclass(frozen=True)
+class TaskSource:
+    """Where a task's data is: its folder and the file name or glob pattern each split reads."""
+
+    folder: Path
+    files: dict[str, str]
+
+    def paths(self, task: Task, split: str) -> list[Path]:
+        """The files of ``split``, or a one-line error naming the file and how to get it."""
+        pattern = self.files[split]
+        if any(char in pattern for char in "*?["):
+            paths = sorted(self.folder.glob(pattern))
+        else:
+            paths = [self.folder / pattern] if (self.folder / pattern).is_file() else []
+        if not paths:
+            hint = (
+                DOWNLOAD_FIRST if task.folder == "jglue" else f"set task_files.{task.name}.{split}"
+            )
+            if split == "train":
+                hint += f", or set task_shots.{task.name}=0"
+            raise KinoeError(f"{task.name}: {self.folder / pattern} not found; {hint}")
+        return paths
+
+
+def task_source(
+    task: Task,
+    data_dir: Path | None,
+    jglue_dir: Path | None = None,
+    files: dict[str, str] | None = None,
+) -> TaskSource:
+    """The folder and files of ``task``: ``jglue_dir`` for JGLUE, else ``<data_dir>/<task.folder>``; ``files`` override."""
+    if task.folder == "jglue" and jglue_dir is not None:
+        folder = Path(jglue_dir)
+    elif data_dir is not None:
+        folder = Path(data_dir) / task.folder
+    else:
+        key = "jglue_dir" if task.folder == "jglue" else "data_dir"
+        raise KinoeError(
+            f"{key} is not set; set {key}=<folder> holding {task.name}'s files "
+            "(e.g. ../shared/data/eval" + ("/jglue)" if task.folder == "jglue" else ")")
+        )
+    unknown = set(files or {}) - set(task.files)
+    if unknown:
+        raise KinoeError(
+            f"task_files.{task.name}: {task.name} has no {sorted(unknown)[0]} split; "
+            f"its splits: {', '.join(task.files)}"
+        )
+    return TaskSource(folder, {**task.files, **(files or {})})
+
+
+@dataclass(frozen=True)
 class TaskData:
-    """What one task evaluates on, under one prompt format: the examples and the few-shot examples."""
+    """What one task evaluates on, under one prompt format: the examples, the few-shot examples, what was dropped."""
 
     examples: list[Sample]
     shots: list[Sample]
-    split: str  # e.g. "test (JGLUE jnli-valid.json)"
+    split: str  # e.g. "test (jnli-valid.json)"
+    malformed: list[str] = field(default_factory=list)  # "path:line: reason", one per record
+    excluded: int = 0
 
 
-def task_file(task: Task, data_dir: Path, split: str) -> Path:
-    """The file of ``split`` ("train" or "test"), or a one-line error naming how to get it."""
-    path = Path(data_dir) / task.files[split]
-    if not path.is_file():
-        raise KinoeError(f"{task.name}: {path} not found; {DOWNLOAD_FIRST}")
-    return path
+def read_split(task: Task, source: TaskSource, split: str) -> Read:
+    """Every record of ``split``'s files; a file serving both splits keeps the rows its ``split`` column gives this one."""
+    read = Read()
+    for path in source.paths(task, split):
+        read.extend(task.read(path))
+    shared = "train" in source.files and source.files["train"] == source.files["test"]
+    if shared and any("split" in record.fields for record in read.records):
+        read.records = [r for r in read.records if r.fields.get("split") == split]
+    return read
+
+
+def render_records(
+    task: Task, records: list[Record], render: Callable[[dict], Sample]
+) -> tuple[list[Sample], list[str]]:
+    """Each record as a ``Sample``; a record that cannot be one is a ``path:line: reason`` line instead."""
+    samples, malformed = [], []
+    for record in records:
+        try:
+            sample = render(record.fields)
+        except (KeyError, IndexError, ValueError, TypeError, AttributeError) as error:
+            reason = f"no field {error}" if isinstance(error, KeyError) else str(error)
+            malformed.append(f"{record.origin}: {reason}")
+            continue
+        if not sample.output:
+            malformed.append(f"{record.origin}: empty gold answer")
+        elif sample.choices and sample.output not in sample.choices:
+            malformed.append(
+                f"{record.origin}: label {sample.output!r} is not one of {', '.join(sample.choices)}"
+            )
+        else:
+            samples.append(sample)
+    return samples, malformed
+
+
+def _file_order(line: str) -> tuple[str, int]:
+    """Sort key of a ``path:line: reason`` line: by file, then line."""
+    found = re.match(r"(.*?):(\d+): ", line)
+    return (found[1], int(found[2])) if found else (line, 0)
 
 
 def llm_jp_eval_train_dev(task: Task, data_dir: Path, seed: int) -> tuple[list[dict], list[dict]]:
-    """JGLUE train shuffled with ``seed`` and cut 90/10 into (train, dev), as llm-jp-eval does."""
-    records = task.read(task_file(task, data_dir, "train"))
-    random.Random(seed).shuffle(records)
-    cut = int(len(records) * TRAIN_SHARE)
-    return records[:cut], records[cut:]
+    """The train file's well-formed records shuffled with ``seed`` and cut into (train, dev), as llm-jp-eval does."""
+    source = TaskSource(Path(data_dir), dict(task.files))
+    read = read_split(task, source, "train")
+    formats = [task.generation, *([task.loglik] if task.loglik else [])]
+    records = [
+        r for r in read.records if all(render_records(task, [r], f.render)[0] for f in formats)
+    ]
+    fields = [r.fields for r in records]
+    random.Random(seed).shuffle(fields)
+    cut = int(len(fields) * (1 - task.dev_share))  # llm-jp-eval's int(), not round()
+    return fields[:cut], fields[cut:]
 
 
 def load_task(
-    task: Task, scoring: str, data_dir: Path, split: str, shots: int, seed: int
+    task: Task,
+    scoring: str,
+    source: TaskSource | Path,
+    split: str,
+    shots: int,
+    seed: int,
+    reads: dict | None = None,
 ) -> TaskData:
-    """The evaluation examples of ``split`` and the first ``shots`` examples of the few-shot pool."""
+    """The evaluation examples of ``split`` and the first ``shots`` examples of the few-shot pool.
+
+    ``source`` is where the files are; a folder stands for the task's upstream file names in it.
+    ``reads`` keeps the files read, so a task's second scoring mode does not parse them again.
+    """
+    if not isinstance(source, TaskSource):
+        source = TaskSource(Path(source), dict(task.files))
     render = task.prompt_format(scoring).render
-    train: list[dict] = []
-    if shots > 0 or split == "dev":
-        if not (Path(data_dir) / task.files["train"]).is_file():
-            raise KinoeError(
-                f"{task.name}: {shots} few-shot examples and the dev split come from "
-                f"{task.files['train']}, which {data_dir} lacks; {DOWNLOAD_FIRST}, "
-                f"or set task_shots.{task.name}=0"
-            )
-        train, dev = llm_jp_eval_train_dev(task, data_dir, seed)
-    if split == "dev":
-        records, described = dev, f"dev (last 10% of {task.files['train']}, seed {seed})"
+    malformed: list[str] = []
+    excluded = 0
+
+    def samples_of(part: str) -> list[Sample]:
+        nonlocal excluded
+        key = (task.name, part, tuple(source.paths(task, part)))
+        read = reads.get(key) if reads is not None else None
+        if read is None:
+            read = read_split(task, source, part)
+            if reads is not None:
+                reads[key] = read
+        samples, bad = render_records(task, read.records, render)
+        malformed.extend(sorted(read.malformed + bad, key=_file_order))
+        excluded += read.excluded
+        return samples
+
+    train_file = source.files.get("train")
+    if split == "dev" and (train_file is None or task.dev_share == 0):
+        raise KinoeError(
+            f"{task.name} has no dev split (no train file to cut one from); use split=test"
+        )
+    pool: list[Sample] = []
+    if train_file is None:
+        examples = samples_of("test")
+        order = list(range(len(examples)))
+        random.Random(seed).shuffle(order)
+        taken = set(order[: task.train_from_test])
+        pool = [examples[i] for i in order[: task.train_from_test]]
+        examples = [sample for i, sample in enumerate(examples) if i not in taken]
+        described = (
+            f"test ({source.files['test']} less {len(pool)} few-shot candidates, seed {seed})"
+        )
     else:
-        records = task.read(task_file(task, data_dir, "test"))
-        described = f"test ({task.files['test']})"
-    if shots > len(train):
-        raise KinoeError(f"{task.name}: {shots} shots asked, the few-shot pool has {len(train)}")
-    return TaskData(
-        examples=[render(record) for record in records],
-        shots=[render(record) for record in train[:shots]],
-        split=described,
-    )
+        if shots > 0 or split == "dev":
+            train = samples_of("train")
+            random.Random(seed).shuffle(train)
+            cut = int(len(train) * (1 - task.dev_share))
+            pool, dev = train[:cut], train[cut:]
+        if split == "dev":
+            examples = dev
+            described = f"dev (last {task.dev_share:.0%} of {train_file}, seed {seed})"
+        else:
+            examples = samples_of("test")
+            described = f"test ({source.files['test']})"
+    if shots > len(pool):
+        raise KinoeError(
+            f"{task.name}: {shots} shots asked, the few-shot pool has {len(pool)}; "
+            f"set task_shots.{task.name}={len(pool)}"
+        )
+    return TaskData(examples, pool[:shots], described, malformed, excluded)
 
 
 def subset(count: int, limit: int | None, fraction: float | None, seed: int) -> list[int]:

@@ -39,6 +39,13 @@ class LoadedModel:
         """Token ids of ``text`` with the tokenizer's special tokens (BOS for kinoe's)."""
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
+    def encode_answers(self, answers: list[str]) -> list[list[int]]:
+        """The ids each answer takes where a prompt's answer is generated: after ``### 応答:\\n``."""
+        cue = "### 応答:\n"
+        before = self.tokenizer(cue, add_special_tokens=False)["input_ids"]
+        encoded = self.tokenizer([cue + a for a in answers], add_special_tokens=False)["input_ids"]
+        return [_after_shared_prefix(before, after) for after in encoded]
+
     @property
     def bos_id(self) -> int | None:
         return self.tokenizer.bos_token_id
@@ -88,6 +95,10 @@ def load_model(config: EvalConfig, logger: logging.Logger) -> LoadedModel:
         # A wrongly typed config.json field is a StrictDataclassError over several lines.
         first = " ".join(str(error).split())[:200] or type(error).__name__
         raise KinoeError(f"cannot load {path} as a causal LM with its tokenizer: {first}") from None
+    except StrictDataclassError as error:
+        # transformers checks config.json's field types and raises a multi-line error of its own.
+        last = str(error).strip().splitlines()[-1].strip()
+        raise KinoeError(f"{path / 'config.json'}: {last}; fix that field") from None
     model.eval()
     placement = check_placement(model, config.device, config.allow_offload, logger)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
@@ -166,3 +177,10 @@ class Batcher:
             start += len(chunk)
             done(len(chunk))
         return results
+
+
+def _after_shared_prefix(prefix: list[int], ids: list[int]) -> list[int]:
+    shared = 0
+    while shared < min(len(prefix), len(ids)) and prefix[shared] == ids[shared]:
+        shared += 1
+    return list(ids[shared:])

@@ -104,6 +104,41 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {result.get('prompt_version')} | {'—' if wall is None else f'{wall:.1f}'} "
                 f"| {result.get('truncated_prompts', 0)} |"
             )
+    for result in report["results"]:
+        if result.get("skipped"):
+            lines.append(
+                f"| {result['task']} | {result['scoring']} | skipped: {result['skipped']} | | | | | | |"
+            )
+    dropped = [r for r in report["results"] if r.get("malformed")]
+    if dropped:
+        lines += [
+            "",
+            "Malformed records skipped: "
+            + ", ".join(f"{r['task']} {r['scoring']} {r['malformed']}" for r in dropped)
+            + " (each with file:line and reason in report.json).",
+        ]
+    limits = [r for r in report["results"] if r.get("answer_length")]
+    if limits:
+        lines += [
+            "",
+            "Generation limits (new tokens, in this model's tokens): "
+            + ", ".join(
+                f"{r['task']} {r['answer_length']['max_new_tokens']}"
+                f" (longest gold {r['answer_length']['longest_gold_tokens']}"
+                + (
+                    f", **{r['answer_length']['golds_longer_than_limit']} golds longer**"
+                    if r["answer_length"]["golds_longer_than_limit"]
+                    else ""
+                )
+                + ")"
+                for r in limits
+            )
+            + ".",
+        ]
+    if report.get("llm_jp_eval"):
+        from eval.categories import markdown_lines
+
+        lines += markdown_lines(report["llm_jp_eval"])
     placement = settings.get("placement") or {}
     if placement.get("misplaced"):
         lines += [
@@ -216,4 +251,13 @@ def log_to_wandb(report: dict[str, Any], settings, run_dir: Path, run_name: str)
         for row in rows:
             if isinstance(row["value"], int | float):
                 run.summary[f"eval/{row['task']}/{row['scoring']}/{row['metric']}"] = row["value"]
+        categories = report.get("llm_jp_eval") or {}
+        for name, category in categories.get("categories", {}).items():
+            if category["score"] is not None:
+                run.summary[f"eval/llm_jp_eval/{name}"] = category["score"]
+        if categories.get("AVG", {}).get("score") is not None:
+            # Named so that nobody reads it as llm-jp-eval's AVG when datasets are missing.
+            complete = categories["AVG"]["comparable_with_llm_jp_eval"]
+            key = "AVG" if complete else "AVG_incomplete"
+            run.summary[f"eval/llm_jp_eval/{key}"] = categories["AVG"]["score"]
         return run.id

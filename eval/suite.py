@@ -1,5 +1,7 @@
-"""Run the selected tasks on a loaded model: each JGLUE task in each scoring mode it supports, then bits per character.
+"""Run the selected tasks on a loaded model: each dataset task in each scoring mode it supports, then bits per character.
 
+A task whose records are all malformed is skipped with a warning (a result with ``skipped``
+and no metrics) and the suite goes on; malformed records are logged one line each and counted.
 Every (task, scoring) gives one result: its metrics, how many examples of how many, the split,
 few-shot count, prompt version and the hash of the exact few-shot prompt, the decoding, the
 count of prompts cut to fit, the batch size used and the wall time. Predictions go to
@@ -26,7 +28,7 @@ from eval.tasks.base import Task, few_shot_header, prompt
 def plan(config: EvalConfig) -> list[tuple[str, str]]:
     """The (task, scoring) pairs this config runs, in order."""
     pairs = []
-    for name in config.jglue_tasks:
+    for name in config.dataset_tasks:
         task = REGISTRY[name]
         pairs += [(name, s) for s in task.scorings() if s in config.scoring]
     if BPC_TASK in config.tasks:
@@ -41,13 +43,17 @@ def run_suite(
     pairs = plan(config)
     if not pairs:
         logger.warning("no task supports the selected scoring %s", config.scoring)
-    results = []
+    results, reads = [], {}
     for task_name, scoring in pairs:
         started = time.monotonic()
         if scoring == "bpc":
             result = _bpc(config, loaded, logger)
         else:
-            result = _jglue(config, loaded, REGISTRY[task_name], scoring, run_dir, logger)
+            task = REGISTRY[task_name]
+            result = _dataset(config, loaded, task, scoring, run_dir, logger, reads)
+        if result.get("skipped"):
+            results.append(result)
+            continue
         result["wall_s"] = round(time.monotonic() - started, 3)
         result["examples_per_s"] = (
             round(result["examples"] / result["wall_s"], 3) if result["wall_s"] else None
@@ -64,17 +70,43 @@ def run_suite(
     return results
 
 
-def _jglue(
+SHOWN_MALFORMED = 10
+
+
+def _dataset(
     config: EvalConfig,
     loaded: LoadedModel,
     task: Task,
     scoring: str,
     run_dir: Path,
     logger: logging.Logger,
+    reads: dict,
 ) -> dict[str, Any]:
-    data_dir = Path(config.jglue_dir) if config.jglue_dir else Path()
     shots = config.shots_for(task.name)
-    data = load_task(task, scoring, data_dir, config.split, shots, config.seed)
+    source = config.source_for(task.name)
+    data = load_task(task, scoring, source, config.split, shots, config.seed, reads)
+    for line in data.malformed[:SHOWN_MALFORMED]:
+        logger.warning("%s: skipped a malformed record: %s", task.name, line)
+    if len(data.malformed) > SHOWN_MALFORMED:
+        logger.warning(
+            "%s: %s more malformed records skipped (all in the report)",
+            task.name,
+            len(data.malformed) - SHOWN_MALFORMED,
+        )
+    dropped = {"malformed": len(data.malformed), "malformed_records": data.malformed}
+    if data.excluded:
+        dropped["excluded"] = data.excluded
+    if not data.examples:
+        logger.warning("%s %s: no valid record in %s; task skipped", task.name, scoring, data.split)
+        return {
+            "task": task.name,
+            "scoring": scoring,
+            "source": task.source,
+            "split": data.split,
+            "skipped": f"no valid record ({len(data.malformed)} malformed)",
+            "metrics": {},
+            **dropped,
+        }
     chosen = subset(len(data.examples), config.limit, config.fraction, config.seed)
     examples = [data.examples[i] for i in chosen]
     prompt_format = task.prompt_format(scoring)
@@ -89,8 +121,9 @@ def _jglue(
         if scoring == "loglik":
             metrics, rows, extra, truncated = _loglik(loaded, examples, prompts, batcher, progress)
         else:
+            limit = _answer_length(config, loaded, task, data, logger)
             metrics, rows, extra, truncated = _generation(
-                loaded, task, examples, prompts, batcher, progress
+                loaded, task, examples, prompts, batcher, progress, limit
             )
     _write_jsonl(run_dir / "predictions" / f"{name}.jsonl", rows)
     if truncated:
@@ -114,7 +147,31 @@ def _jglue(
         "truncated_prompts": truncated,
         "max_length": loaded.max_length,
         "batch_size": batcher.size,
+        **dropped,
     }
+
+
+def _answer_length(config, loaded, task, data, logger):
+    from eval.answer_length import answer_length
+
+    golds = [sample.output for sample in [*data.examples, *data.shots]]
+    limit = answer_length(
+        loaded.encode_answers,
+        golds,
+        task.output_length,
+        config.task_max_new_tokens.get(task.name),
+    )
+    if limit.golds_longer_than_limit:
+        logger.warning(
+            "%s: %s gold answers are longer than the generation limit of %s tokens "
+            "(longest %s); raise task_max_new_tokens.%s",
+            task.name,
+            limit.golds_longer_than_limit,
+            limit.max_new_tokens,
+            limit.longest_gold_tokens,
+            task.name,
+        )
+    return limit
 
 
 def _described(data: TaskData, evaluated: int, shots: int) -> dict[str, Any]:
@@ -147,11 +204,11 @@ def _loglik(loaded, examples, prompts, batcher, progress):
     return metrics, rows, extra, sum(r.truncated for r in requests)
 
 
-def _generation(loaded, task, examples, prompts, batcher, progress):
+def _generation(loaded, task, examples, prompts, batcher, progress, limit):
     from eval.generate import Decoding, generate, prompt_ids
     from eval.metrics import GENERATION_METRICS, normalize_gold, normalize_prediction
 
-    decoding = Decoding(max_new_tokens=task.output_length)
+    decoding = Decoding(max_new_tokens=limit.max_new_tokens)
     encoded = [prompt_ids(loaded, text, decoding.max_new_tokens) for text in prompts]
     outputs = generate(loaded, [ids for ids, _ in encoded], decoding, batcher, progress.update)
     predictions = [normalize_prediction(text) for text in outputs]
@@ -163,7 +220,8 @@ def _generation(loaded, task, examples, prompts, batcher, progress):
             examples, golds, predictions, outputs, strict=True
         )
     ]
-    return metrics, rows, {"decoding": decoding.summary()}, sum(cut for _, cut in encoded)
+    extra = {"decoding": decoding.summary(), "answer_length": limit.summary()}
+    return metrics, rows, extra, sum(cut for _, cut in encoded)
 
 
 def _bpc(config: EvalConfig, loaded: LoadedModel, logger: logging.Logger) -> dict[str, Any]:

@@ -61,7 +61,14 @@ STEPS: dict[str, Stage] = {
         "finetune",
         FinetuneConfig,
         jaster_step,
-        inputs=lambda c: {"jaster.jglue_dir": c.jaster.jglue_dir} if c.jaster.jglue_dir else {},
+        inputs=lambda c: {
+            key: path
+            for key, path in (
+                ("jaster.jglue_dir", c.jaster.jglue_dir),
+                ("jaster.data_dir", c.jaster.data_dir),
+            )
+            if path
+        },
         step="jaster",
         fingerprint_sections=frozenset({"jaster"}),
     ),

@@ -120,9 +120,14 @@ class JasterConfig(Config):
     jglue_dir: Path | None = Field(
         None, description="Folder of JGLUE <task>-train.json files (`kinoe eval download`)"
     )
+    data_dir: Path | None = Field(
+        None,
+        description="Folder of one folder per dataset (jsick/, niilc/, ...) for the non-JGLUE tasks",
+    )
     tasks: list[str] = Field(
         default_factory=lambda: ["jcommonsenseqa", "jnli", "jsquad", "jsts"],
-        description="JGLUE tasks whose train file is present are converted; others are skipped",
+        description="Evaluation tasks with a train split; those whose train file is present are "
+        "converted, others skipped",
     )
     format: Literal["prompt_completion", "messages"] = Field(
         "prompt_completion",
@@ -136,6 +141,21 @@ class JasterConfig(Config):
     )
     seed: int = Field(42, description="llm-jp-eval's train/dev split seed; dev is left out")
     limit_per_task: int | None = Field(None, gt=0, description="At most this many per task")
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_with_train_split(cls, tasks: list[str]) -> list[str]:
+        from eval.tasks import REGISTRY
+
+        for name in tasks:
+            if name not in REGISTRY:
+                raise ValueError(f"unknown task {name}; known: {', '.join(REGISTRY)}")
+            if "train" not in REGISTRY[name].files:
+                raise ValueError(
+                    f"{name} has no train split (its few-shot examples come from its evaluation "
+                    f"file, which must stay unseen); remove {name}"
+                )
+        return tasks
 
 
 class OutputConfig(Config):

@@ -1,6 +1,7 @@
-"""JGLUE train splits as instruction data in llm-jp-eval's "jaster" style, the common Japanese SFT baseline.
+"""Evaluation datasets' train splits as instruction data in llm-jp-eval's "jaster" style, the common Japanese SFT baseline.
 
-Each example is the prompt llm-jp-eval evaluates with (header, the task's instruction, the
+Tasks without a train split (JMMLU, JSeM) are refused: their few-shot pool is cut from the
+evaluation file itself. Each example is the prompt llm-jp-eval evaluates with (header, the task's instruction, the
 ``### 入力:`` block, ``### 応答:``) and the gold answer, taken from the task definitions kinoe's
 evaluation uses (``eval.tasks``), so what is trained is exactly what is later evaluated. Only
 llm-jp-eval's ``train`` part of each JGLUE train file is written (shuffled with seed 42, first
@@ -15,7 +16,7 @@ from typing import Any
 
 from common.errors import KinoeError
 from common.logs import get_logger
-from eval.data import llm_jp_eval_train_dev
+from eval.data import llm_jp_eval_train_dev, task_source
 from eval.tasks import REGISTRY
 from eval.tasks.base import Task, few_shot_header, prompt
 from finetune.config import JasterConfig
@@ -46,33 +47,26 @@ def jaster_record(task: Task, raw: dict[str, Any], scoring: str, shape: str) -> 
 def build_jaster(config: JasterConfig, out_dir: Path) -> dict[str, Any]:
     """Write ``<out_dir>/<task>.jsonl`` for every configured task whose train file is present."""
     logger = get_logger("finetune")
-    if config.jglue_dir is None:
-        raise KinoeError(
-            "jaster.jglue_dir is not set; set it to a folder of JGLUE files "
-            "(`kinoe eval download --to <folder>`)"
-        )
-    jglue_dir = Path(config.jglue_dir)
-    unknown = sorted(set(config.tasks) - set(REGISTRY))
-    if unknown:
-        raise KinoeError(f"jaster.tasks: unknown task {unknown[0]}; known: {', '.join(REGISTRY)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, int] = {}
     skipped: dict[str, str] = {}
     for name in config.tasks:
         task = REGISTRY[name]
-        if not (jglue_dir / task.files["train"]).is_file():
-            skipped[name] = f"{jglue_dir / task.files['train']} not found"
-            logger.warning(
-                "jaster: %s skipped, %s has no %s (`kinoe eval download` fetches it)",
-                name,
-                jglue_dir,
-                task.files["train"],
+        key = "jglue_dir" if task.folder == "jglue" else "data_dir"
+        if getattr(config, key) is None and (task.folder != "jglue" or config.data_dir is None):
+            raise KinoeError(
+                f"jaster.{key} is not set; set it to the folder holding {name}'s files "
+                "(e.g. ../shared/data/eval" + ("/jglue" if key == "jglue_dir" else "") + ")"
             )
+        folder = task_source(task, config.data_dir, config.jglue_dir).folder
+        if not (folder / task.files["train"]).is_file():
+            skipped[name] = f"{folder / task.files['train']} not found"
+            logger.warning("jaster: %s skipped, %s has no %s", name, folder, task.files["train"])
             continue
         scoring = (
             "loglik" if config.scoring == "loglik" and task.loglik is not None else "generation"
         )
-        train, _dev = llm_jp_eval_train_dev(task, jglue_dir, config.seed)
+        train, _dev = llm_jp_eval_train_dev(task, folder, config.seed)
         if config.limit_per_task is not None:
             train = train[: config.limit_per_task]
         path = out_dir / f"{name}.jsonl"
@@ -88,8 +82,8 @@ def build_jaster(config: JasterConfig, out_dir: Path) -> dict[str, Any]:
         )
     if not written:
         raise KinoeError(
-            f"jaster: none of {', '.join(config.tasks)} has a train file in {jglue_dir}; "
-            "`kinoe eval download --to <folder>` fetches them"
+            f"jaster: none of {', '.join(config.tasks)} has its train file ({'; '.join(skipped.values())}); "
+            "`kinoe eval download --to <folder>` fetches JGLUE's"
         )
     return {
         "examples": written,

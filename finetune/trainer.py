@@ -182,7 +182,9 @@ def _finetune(
         flops_per_token=source.args.flops_per_token(data_config.max_length),
         logger=logger,
     )
-    callbacks = standard_callbacks(config.monitor, run, world, model, stage=[held_out])
+    callbacks = standard_callbacks(
+        config.monitor, run, world, model, stage=[held_out], total_steps=data.plan.steps
+    )
     if world.is_main:
         logger.info(
             "finetune %s: %s %s parameters (%s trained%s), %d training and %d held-out examples in "

@@ -142,7 +142,9 @@ def _train(context: StageContext[PretrainConfig], world: World) -> dict[str, Any
         logger=logger,
         phases=tuple(phase.name for phase in config.data.phases),
     )
-    callbacks = standard_callbacks(config.monitor, run, world, model, config.drills)
+    callbacks = standard_callbacks(
+        config.monitor, run, world, model, config.drills, total_steps=config.train.steps
+    )
     if world.is_main:
         logger.info(
             "pretrain: %s %s, %s parameters (%s non-embedding), %d ranks x %d micro-batches of "

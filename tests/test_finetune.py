@@ -66,7 +66,7 @@ def trained_runs(segment) -> int:
 
 def test_assistant_only_mask_is_exact_on_multi_turn_conversations(kinoe_model_dir):
     encoder = Encoder(kinoe_model_dir, max_length=512)
-    questions = JCQA.read(JGLUE / "jcommonsenseqa-valid.json")[:3]
+    questions = [r.fields for r in JCQA.read(JGLUE / "jcommonsenseqa-valid.json").records[:3]]
     messages = [{"role": "system", "content": "あなたは常識に詳しいアシスタントです。"}]
     answers = []
     for index, question in enumerate(questions):
@@ -103,7 +103,7 @@ def test_assistant_only_mask_is_exact_on_multi_turn_conversations(kinoe_model_di
 
 def test_prompt_completion_trains_the_completion_and_eos(kinoe_model_dir):
     encoder = Encoder(kinoe_model_dir, max_length=512)
-    question = JCQA.read(JGLUE / "jcommonsenseqa-valid.json")[0]
+    question = JCQA.read(JGLUE / "jcommonsenseqa-valid.json").records[0].fields
     sample = JCQA.loglik.render(question)
     text_prompt = prompt(few_shot_header(JCQA.loglik.instruction, []), sample)
     (segment,) = encoder.sft({"prompt": text_prompt, "completion": sample.output}).segments

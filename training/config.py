@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from common.config import Config
 
@@ -148,6 +148,57 @@ class ExpertLoadConfig(Config):
     )
 
 
+class EvaluationConfig(Config):
+    """Evaluation while training (``training/callbacks/evaluation.py``): what is scored and how often."""
+
+    interval: int = Field(0, ge=0, description="Steps between evaluations (and at the end); 0: off")
+    tokenizer: Path | None = Field(
+        None,
+        description="The Hugging Face tokenizer the model trains with (`kinoe tokenizer`'s export/hf)",
+    )
+    bpc_texts: list[Path] = Field(
+        default_factory=list,
+        description="Held-out .jsonl/.jsonl.gz/.txt text for bits per character (as `kinoe eval`'s bpc.texts)",
+    )
+    bpc_max_documents: int | None = Field(50, ge=1, description="The first N documents; None: all")
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="Evaluation tasks with closed answers, scored by log-likelihood",
+    )
+    limit: int = Field(100, ge=1, description="The first N test examples of each task")
+    shots: int = Field(0, ge=0, description="Few-shot examples in each prompt")
+    seed: int = Field(42, description="llm-jp-eval's split and few-shot seed")
+    data_dir: Path | None = Field(None, description="As `kinoe eval`'s data_dir")
+    jglue_dir: Path | None = Field(None, description="As `kinoe eval`'s jglue_dir")
+    micro_batch_size: int = Field(8, ge=1, description="Rows per forward pass on each rank")
+
+    @field_validator("tasks")
+    @classmethod
+    def _scored_by_loglik(cls, tasks: list[str]) -> list[str]:
+        from eval.tasks import REGISTRY
+
+        for name in tasks:
+            if name not in REGISTRY:
+                raise ValueError(f"unknown task {name}; known: {', '.join(REGISTRY)}")
+            if REGISTRY[name].loglik is None:
+                closed = [n for n, t in REGISTRY.items() if t.loglik is not None]
+                raise ValueError(
+                    f"{name} has no closed answer set to score by log-likelihood; "
+                    f"use one of {', '.join(closed)}"
+                )
+        return tasks
+
+    @model_validator(mode="after")
+    def _something_to_score(self) -> EvaluationConfig:
+        if self.interval and self.tokenizer is None:
+            raise ValueError("monitor.evaluation.interval is set but tokenizer is not; set it")
+        if self.interval and not (self.bpc_texts or self.tasks):
+            raise ValueError(
+                "monitor.evaluation.interval is set but neither bpc_texts nor tasks is"
+            )
+        return self
+
+
 # A window shorter than this gives z-scores from too few losses to mean anything.
 MIN_SPIKE_WINDOW = 10
 
@@ -171,4 +222,7 @@ class MonitorConfig(Config):
     )
     experts: ExpertLoadConfig = Field(
         default_factory=ExpertLoadConfig, description="Mixture-of-experts balance alerts"
+    )
+    evaluation: EvaluationConfig = Field(
+        default_factory=EvaluationConfig, description="Evaluation while training (off by default)"
     )

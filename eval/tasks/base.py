@@ -8,13 +8,12 @@ scoring when its generation format asks for something other than the choices the
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from common.errors import KinoeError
+from eval.tasks.readers import Reader
 
 HEADER = "以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。要求を適切に満たす応答を書きなさい。"
 LLM_JP_EVAL = "llm-jp-eval-1.3"
@@ -41,16 +40,27 @@ class PromptFormat:
 
 @dataclass(frozen=True)
 class Task:
-    """A dataset: its files per split, its formats, output length (tokens) and generation metrics."""
+    """A dataset: its files per split, its formats, output length (tokens) and generation metrics.
+
+    ``files`` maps "test" and, where upstream has one, "train" to a file name or glob pattern in
+    the dataset's folder (upstream names; ``task_files`` in the config overrides them). Few-shot
+    examples are the first of the seed-shuffled train records, whose last ``dev_share`` is the
+    dev split. A dataset without a train file sets ``train_from_test``: that many records of the
+    shuffled test file become the few-shot pool and leave the test split.
+    """
 
     name: str
     source: str
-    files: dict[str, str]  # "train" / "test" -> file name in the data folder
-    read: Callable[[Path], list[dict[str, Any]]]
-    output_length: int
+    folder: str  # the dataset's folder under data_dir ("jglue": jglue_dir)
+    files: dict[str, str]
+    read: Reader
+    output_length: int  # llm-jp-eval's, in llm-jp's tokens: the floor of the generation limit
     metrics: tuple[str, ...]
     generation: PromptFormat
     loglik: PromptFormat | None = None
+    license: str = ""
+    dev_share: float = 0.1
+    train_from_test: int = 0
 
     def scorings(self) -> tuple[str, ...]:
         """The scoring modes this task supports."""
@@ -76,34 +86,3 @@ def few_shot_header(instruction: str, shots: list[Sample]) -> str:
 def prompt(header: str, sample: Sample) -> str:
     """The full prompt for ``sample``: ``header`` then its input, ending where the answer starts."""
     return f"{header}\n\n### 入力:\n{sample.input}\n\n### 応答:\n"
-
-
-def read_json_lines(path: Path) -> list[dict[str, Any]]:
-    """One JSON object per line (JGLUE's format for all but JSQuAD)."""
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise KinoeError(
-                    f"{path}:{number}: not JSON ({error.msg}); replace the file with the pinned "
-                    "upstream one (`kinoe eval download`)"
-                ) from None
-    return records
-
-
-def read_squad(path: Path) -> list[dict[str, Any]]:
-    """SQuAD JSON flattened to one record per question, with its paragraph's context."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise KinoeError(f"{path}: not SQuAD JSON ({error.msg}) at line {error.lineno}") from None
-    return [
-        {"id": question["id"], "context": paragraph["context"], **question}
-        for article in data["data"]
-        for paragraph in article["paragraphs"]
-        for question in paragraph["qas"]
-    ]

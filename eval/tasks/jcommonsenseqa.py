@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from eval.tasks.base import LLM_JP_EVAL, PromptFormat, Sample, Task, read_json_lines
+from eval.tasks.base import LLM_JP_EVAL, PromptFormat, Sample, Task
+from eval.tasks.readers import read_json_lines
 
 CHOICES = 5
 
@@ -41,6 +42,8 @@ def _texts(record: dict[str, Any]) -> Sample:
 TASK = Task(
     name="jcommonsenseqa",
     source="JGLUE v1.3 JCommonsenseQA",
+    folder="jglue",
+    license="CC BY-SA 4.0",
     files={"train": "jcommonsenseqa-train.json", "test": "jcommonsenseqa-valid.json"},
     read=read_json_lines,
     output_length=1,

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from eval.tasks.base import LLM_JP_EVAL, PromptFormat, Sample, Task, read_json_lines
+from eval.tasks.base import LLM_JP_EVAL, PromptFormat, Sample, Task
+from eval.tasks.readers import read_json_lines
 
 LABELS = ("entailment", "contradiction", "neutral")
 
@@ -38,6 +39,8 @@ _FORMAT = PromptFormat(
 TASK = Task(
     name="jnli",
     source="JGLUE v1.3 JNLI",
+    folder="jglue",
+    license="CC BY-SA 4.0",
     files={"train": "jnli-train.json", "test": "jnli-valid.json"},
     read=read_json_lines,
     output_length=3,

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from eval.tasks.base import LLM_JP_EVAL, PromptFormat, Sample, Task, read_squad
+from eval.tasks.base import LLM_JP_EVAL, PromptFormat, Sample, Task
+from eval.tasks.readers import read_squad
 
 
 def _question(record: dict[str, Any]) -> Sample:
@@ -22,6 +23,8 @@ def _question(record: dict[str, Any]) -> Sample:
 TASK = Task(
     name="jsquad",
     source="JGLUE v1.3 JSQuAD",
+    folder="jglue",
+    license="CC BY-SA 4.0",
     files={"train": "jsquad-train.json", "test": "jsquad-valid.json"},
     read=read_squad,
     output_length=25,

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from eval.tasks.base import LLM_JP_EVAL, PromptFormat, Sample, Task, read_json_lines
+from eval.tasks.base import LLM_JP_EVAL, PromptFormat, Sample, Task
+from eval.tasks.readers import read_json_lines
 
 
 def _pair(record: dict[str, Any]) -> Sample:
@@ -22,6 +23,8 @@ def _pair(record: dict[str, Any]) -> Sample:
 TASK = Task(
     name="jsts",
     source="JGLUE v1.3 JSTS",
+    folder="jglue",
+    license="CC BY-SA 4.0",
     files={"train": "jsts-train.json", "test": "jsts-valid.json"},
     read=read_json_lines,
     output_length=3,

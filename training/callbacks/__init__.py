@@ -30,12 +30,14 @@ def standard_callbacks(
     model: nn.Module,
     drills: DrillConfig | None = None,
     stage: Sequence[Callback] = (),
+    total_steps: int | None = None,
 ) -> Callbacks:
     """The run's callbacks in the order they are called.
 
     Drills first (their NaN hook must be gone before anything else runs the model), then the
     producers of figures on every rank (expert balance, the stage's own, e.g. a held-out
-    evaluation), then the reporters, on the main rank only: other ranks write and print nothing.
+    evaluation, and the evaluation while training when ``monitor.evaluation.interval`` is set and
+    ``total_steps`` given), then the reporters, on the main rank only: other ranks write and print nothing.
     """
     callbacks: list[Callback] = []
     if drills is not None:
@@ -43,6 +45,13 @@ def standard_callbacks(
     if isinstance(model, ExpertModel):
         callbacks.append(ExpertBalance(monitor.experts, monitor.log_interval))
     callbacks.extend(stage)
+    if monitor.evaluation.interval and total_steps is not None:
+        from training.callbacks.evaluation import TrainingEvaluation
+
+        max_length = getattr(getattr(model, "args", None), "max_seq_len", None) or 2048
+        callbacks.append(
+            TrainingEvaluation(monitor.evaluation, world, max_length, total_steps, run.run_dir)
+        )
     if world.is_main:
         callbacks += [
             LossAlerts(monitor.loss_spike_zscore, monitor.loss_spike_window),
