@@ -121,10 +121,25 @@ class MinhashSettings(Config):
     enabled: bool = True
     ngram: int = Field(5, ge=1, description="Characters per shingle")
     bands: int = Field(
-        14, ge=1, description="LSH bands (buckets); a pair matching in any band is a duplicate"
+        20,
+        ge=1,
+        description="LSH bands (buckets); a pair matching in any band is a candidate, then verified",
     )
-    rows: int = Field(8, ge=1, description="Hashes per band")
+    rows: int = Field(6, ge=1, description="Hashes per band")
     seed: int = 1
+    min_chars: int = Field(
+        100,
+        ge=0,
+        description="Documents with fewer characters are deduplicated exactly only: distinct "
+        "short leads share most of their few n-grams",
+    )
+    min_jaccard: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="Candidate pairs are duplicates only when the Jaccard similarity of their "
+        "character n-gram sets reaches this",
+    )
 
     @property
     def threshold(self) -> float:

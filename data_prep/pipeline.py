@@ -6,9 +6,10 @@ Steps, each a datatrove executor depending on the one before (tasks in brackets)
     exact_signature   [N]  work/filtered -> 64-bit hash of each text
     exact_find        [1]  all hashes -> which documents repeat an earlier one
     exact_filter      [N]  work/filtered -> drop repeats (removed/exact_dedup) -> work/exact_deduped
-    minhash_signature [N]  -> character n-gram MinHash signatures
+    minhash_signature [N]  -> character n-gram MinHash signatures (none under min_chars), shingle sets
     minhash_buckets   [B]  one task per LSH band: candidate pairs
-    minhash_cluster   [1]  union-find over pairs: clusters, their sizes, who to drop
+    minhash_verify    [B]  candidates kept only at true shingle Jaccard >= min_jaccard
+    minhash_cluster   [1]  union-find over verified pairs: clusters, their sizes, who to drop
     minhash_filter    [N]  -> drop all but one per cluster (removed/near_dedup) -> documents/
 
 Dedup steps find documents by their position in a task's input, so every step of a chain
@@ -34,7 +35,12 @@ from datatrove.pipeline.dedup.minhash import (
 
 from common.executor import PipelineStage
 from data_prep.config import DataConfig
-from data_prep.dedup import CharacterMinhashSignature, exact_config, minhash_config
+from data_prep.dedup import (
+    CharacterMinhashSignature,
+    MinhashVerify,
+    exact_config,
+    minhash_config,
+)
 from data_prep.filter_steps import STEP_ORDER, quality_steps
 from data_prep.normalise import Normaliser
 from data_prep.outputs import CountDocuments, TallyingJsonlWriter, TallyingParquetWriter
@@ -63,6 +69,10 @@ class Layout:
     @property
     def work(self) -> Path:
         return self.root / "work"
+
+    @property
+    def minhash_verified(self) -> Path:
+        return self.work / "minhash" / "verified"
 
     def removed(self, step: str) -> Path:
         return self.root / "removed" / step
@@ -167,10 +177,25 @@ def build_stages(config: DataConfig, layout: Layout) -> list[PipelineStage]:
                 settings.bands,
             ),
             PipelineStage(
+                "minhash_verify",
+                [
+                    MinhashVerify(
+                        str(buckets),
+                        str(signatures),
+                        str(layout.minhash_verified),
+                        settings.min_jaccard,
+                    )
+                ],
+                settings.bands,
+            ),
+            PipelineStage(
                 "minhash_cluster",
                 [
                     MinhashDedupCluster(
-                        str(buckets), str(clusters), config=minhash, save_cluster_size=True
+                        str(layout.minhash_verified),
+                        str(clusters),
+                        config=minhash,
+                        save_cluster_size=True,
                     )
                 ],
                 1,

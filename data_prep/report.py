@@ -15,6 +15,7 @@ from typing import Any
 
 from common.manifest import write_json_atomic
 from data_prep.config import DataConfig
+from data_prep.dedup import verification_counts
 from data_prep.outputs import LENGTH_BINS, Tally
 from data_prep.pipeline import INPUT_TALLY, KEPT_TALLY, Layout, removal_order
 
@@ -99,6 +100,9 @@ def write_report(
         "minhash_bands": minhash.bands,
         "minhash_rows": minhash.rows,
         "minhash_threshold": round(minhash.threshold, 4),
+        "minhash_min_chars": minhash.min_chars,
+        "minhash_min_jaccard": minhash.min_jaccard,
+        "minhash_pairs": verification_counts(layout.minhash_verified) if minhash.enabled else {},
         "detection_probability": {
             f"{s:.2f}": round(minhash.detection_probability(s), 4)
             for s in (0.5, 0.7, 0.8, 0.9, 0.95)
@@ -185,8 +189,13 @@ def _markdown(funnel: dict[str, Any], layout: Layout) -> str:
         "",
         f"Exact: {'on' if dedup['exact'] else 'off'}. MinHash: {'on' if dedup['minhash'] else 'off'}, "
         f"{dedup['minhash_ngram_chars']}-character shingles, {dedup['minhash_bands']} bands x {dedup['minhash_rows']} rows, "
-        f"threshold about {dedup['minhash_threshold']:.2f} Jaccard similarity. Probability that a pair is found: "
+        f"band threshold about {dedup['minhash_threshold']:.2f} Jaccard similarity. Probability that a pair "
+        "becomes a candidate: "
         + ", ".join(f"{p:.2f} at {s}" for s, p in dedup["detection_probability"].items())
+        + f". Candidates are duplicates only at a true Jaccard similarity of at least "
+        f"{dedup['minhash_min_jaccard']}; documents under {dedup['minhash_min_chars']} characters are "
+        "deduplicated exactly only. Candidate pairs: "
+        + ", ".join(f"{key} {value:,}" for key, value in dedup["minhash_pairs"].items())
         + ".",
         "",
         "## Document lengths (characters)",

@@ -73,6 +73,22 @@ def corpus(tmp_path_factory, request) -> dict:
         planted.append({"id": f"twin-b-{index}", "text": page["text"]})
         exact_pairs.append((f"twin-a-{index}", f"twin-b-{index}"))
     planted.append({"id": "cross-source", "text": long_pages[6]["text"]})
+    # Distinct documents that MinHash alone would merge (issue 19): a short lead and the same
+    # lead about another place (exact dedup only below minhash.min_chars), and a long text
+    # sharing 82% of another (Jaccard about 0.7: a likely band candidate, rejected on verification).
+    leads = [d["text"] for d in read_jsonl_gz(shared / "corpus" / "wikipedia_ja_leads.jsonl.gz")]
+    short = next(t for t in leads if 60 <= len(t) < 90 and "県" in t)
+    planted.append({"id": "short-a", "text": short.replace("県", "州", 1)})
+    planted.append({"id": "short-b", "text": short.replace("県", "府", 1)})
+    long_text = "".join(leads[100:130])
+    cut = int(len(long_text) * 0.82)
+    planted.append({"id": "overlap-a", "text": long_text})
+    planted.append(
+        {
+            "id": "overlap-b",
+            "text": long_text[:cut] + "".join(leads[300:340])[: len(long_text) - cut],
+        }
+    )
     (root / "planted").mkdir()
     with (root / "planted" / "copies.jsonl").open("w", encoding="utf-8") as handle:
         for record in planted:
@@ -110,6 +126,7 @@ def corpus(tmp_path_factory, request) -> dict:
         "wiki_docs": 2022,
         "web_docs": len(web) - len(used),
         "cross_source_pair": (long_pages[6]["id"], "cross-source"),
+        "distinct_similar": ["short-a", "short-b", "overlap-a", "overlap-b"],
         "planted_docs": len(planted),
         "bad_lines": 9 + len(sjis_lines),
     }
@@ -196,6 +213,15 @@ def test_planted_near_and_exact_duplicates_are_removed_once(finished, corpus):
     planted_ids = {i for pair in corpus["near_pairs"] + corpus["exact_pairs"] for i in pair}
     survivors = [d for d in documents_in(run_dir / "documents") if d["id"] in planted_ids]
     assert any(d["metadata"]["minhash_cluster_size"] > 1 for d in survivors)
+
+
+def test_distinct_similar_documents_are_not_merged(finished, corpus):
+    kept = {d["id"] for d in documents_in(finished["run_dir"] / "documents")}
+    assert set(corpus["distinct_similar"]) <= kept
+    report = json.loads((finished["run_dir"] / "report" / "report.json").read_text())
+    pairs = report["dedup"]["minhash_pairs"]
+    assert pairs["rejected"] >= 1 and pairs["verified"] >= len(corpus["near_pairs"])
+    assert pairs["candidates"] == pairs["verified"] + pairs["rejected"]
 
 
 def test_bad_input_is_counted_under_named_reasons(finished):
