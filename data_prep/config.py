@@ -12,6 +12,7 @@ from common.executor import ExecutorConfig
 from common.run import StageConfig
 from data_prep.filter_rules import QualityConfig
 from data_prep.normalise import NormaliseConfig
+from data_prep.pii import PiiConfig
 from data_prep.source_presets import source_preset
 
 SourceKind = Literal["c4_ja", "wikipedia_ja", "jsonl", "parquet", "aozora"]
@@ -53,9 +54,18 @@ class SourceConfig(Config):
     normalise: NormaliseConfig = Field(
         default=None, description="Normalisation settings; the preset's, with any keys given here"
     )
+    pii: PiiConfig = Field(
+        default=None, description="Personal data masked; the preset's (web: all kinds), or as given"
+    )
     filters: QualityConfig = Field(
         default=None,
         description="Quality-filter thresholds; the preset's, with any keys given here",
+    )
+    url_field: str = Field("url", description="Metadata field holding a document's URL")
+    url_blocklist: list[Path] = Field(
+        default_factory=list,
+        description="Domain lists (UT1 style: one domain per line, '#' comments); a document "
+        "whose URL's host or any parent domain is listed is removed (url_blocklist)",
     )
 
     @model_validator(mode="before")
@@ -69,8 +79,17 @@ class SourceConfig(Config):
         )
         data = dict(data)
         data["normalise"] = _merge(preset.normalise.model_dump(), data.get("normalise"))
+        data["pii"] = _merge(preset.pii.model_dump(), data.get("pii"))
         data["filters"] = _merge(preset.filters.model_dump(), data.get("filters"))
         return data
+
+    @field_validator("url_blocklist")
+    @classmethod
+    def _lists_exist(cls, paths: list[Path]) -> list[Path]:
+        for path in paths:
+            if not path.is_file():
+                raise ValueError(f"domain list {path} not found; give existing files")
+        return paths
 
     @model_validator(mode="after")
     def _readable(self) -> SourceConfig:
@@ -214,4 +233,8 @@ class DataConfig(StageConfig):
                 inputs[f"{key}/{file.relative_to(folder).as_posix()}"] = file
             if not files:
                 inputs[key] = folder
+        for index, source in enumerate(self.sources):
+            # A domain list edited between runs changes what is kept.
+            for number, path in enumerate(source.url_blocklist):
+                inputs[f"sources.{index}.url_blocklist.{number}"] = path
         return inputs

@@ -2,7 +2,8 @@
 
 Steps, each a datatrove executor depending on the one before (tasks in brackets)::
 
-    filter            [N]  readers -> count -> read_errors -> normalise -> quality filters -> work/filtered
+    filter            [N]  readers -> count -> read_errors -> url_blocklist -> normalise -> pii
+                           -> quality filters -> work/filtered
     exact_signature   [N]  work/filtered -> 64-bit hash of each text
     exact_find        [1]  all hashes -> which documents repeat an earlier one
     exact_filter      [N]  work/filtered -> drop repeats (removed/exact_dedup) -> work/exact_deduped
@@ -44,12 +45,15 @@ from data_prep.dedup import (
 from data_prep.filter_steps import STEP_ORDER, quality_steps
 from data_prep.normalise import Normaliser
 from data_prep.outputs import CountDocuments, TallyingJsonlWriter, TallyingParquetWriter
+from data_prep.pii import PiiMasker
 from data_prep.sources import JsonlDocuments, ReadErrors, reader_for
+from data_prep.url_blocklist import UrlBlocklistFilter
 
 EXACT_DEDUP = "exact_dedup"
 NEAR_DEDUP = "near_dedup"
 INPUT_TALLY = "input"
 KEPT_TALLY = "kept"
+PII_TALLY = "pii"
 
 
 @dataclass(frozen=True)
@@ -86,12 +90,20 @@ class Layout:
 
 def removal_order(config: DataConfig) -> list[str]:
     """Names of the steps that remove documents, in pipeline order (the funnel's rows)."""
-    names = [ReadErrors.name, *(step.name for step in STEP_ORDER)]
+    names = [ReadErrors.name]
+    if uses_blocklist(config):
+        names.append(UrlBlocklistFilter.name)
+    names += [step.name for step in STEP_ORDER]
     if config.dedup.exact:
         names.append(EXACT_DEDUP)
     if config.dedup.minhash.enabled:
         names.append(NEAR_DEDUP)
     return names
+
+
+def uses_blocklist(config: DataConfig) -> bool:
+    """True when some source has URL domain lists (the step and its funnel row exist only then)."""
+    return any(source.url_blocklist for source in config.sources)
 
 
 def build_stages(config: DataConfig, layout: Layout) -> list[PipelineStage]:
@@ -117,7 +129,18 @@ def build_stages(config: DataConfig, layout: Layout) -> list[PipelineStage]:
     first += [
         CountDocuments(layout.tally(INPUT_TALLY)),
         ReadErrors(exclusion_writer=removed_writer(ReadErrors.name)),
+    ]
+    if uses_blocklist(config):
+        first.append(
+            UrlBlocklistFilter(
+                {source.name: source.url_blocklist for source in config.sources},
+                {source.name: source.url_field for source in config.sources},
+                exclusion_writer=removed_writer(UrlBlocklistFilter.name),
+            )
+        )
+    first += [
         Normaliser({source.name: source.normalise for source in config.sources}),
+        PiiMasker({source.name: source.pii for source in config.sources}, layout.tally(PII_TALLY)),
         *quality_steps({source.name: source.filters for source in config.sources}, removed_writer),
         TallyingJsonlWriter(filtered, layout.tally("filtered")) if dedup_steps else kept_writer(),
     ]

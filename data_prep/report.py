@@ -17,7 +17,8 @@ from common.manifest import write_json_atomic
 from data_prep.config import DataConfig
 from data_prep.dedup import verification_counts
 from data_prep.outputs import LENGTH_BINS, Tally
-from data_prep.pipeline import INPUT_TALLY, KEPT_TALLY, Layout, removal_order
+from data_prep.pii import pii_counts
+from data_prep.pipeline import INPUT_TALLY, KEPT_TALLY, PII_TALLY, Layout, removal_order
 
 
 def build_funnel(config: DataConfig, layout: Layout) -> dict[str, Any]:
@@ -108,6 +109,7 @@ def write_report(
             for s in (0.5, 0.7, 0.8, 0.9, 0.95)
         },
     }
+    funnel["pii_masked"] = pii_counts(layout.tally(PII_TALLY))
     funnel["seconds_per_step"] = timings
     layout.report.mkdir(parents=True, exist_ok=True)
     samples = {
@@ -140,6 +142,7 @@ def write_report(
         "characters_in",
         "characters_kept",
         "balanced",
+        "pii_masked",
     )
     return {key: funnel[key] for key in summary_keys} | {
         "removed_by_step": {row["step"]: row["removed_documents"] for row in funnel["steps"]}
@@ -182,6 +185,16 @@ def _markdown(funnel: dict[str, Any], layout: Layout) -> str:
         share = f"{100 * kept / got:.1f}%" if got else "-"
         removed = " | ".join(f"{counts['removed'][r['step']]:,}" for r in funnel["steps"])
         lines.append(f"| {name} | {got:,} | {kept:,} | {share} | {removed} |")
+    pii = funnel["pii_masked"]
+    lines += [
+        "",
+        "## Personal data masked",
+        "",
+        f"{pii['documents']:,} documents had personal data replaced by placeholders (before the "
+        "filters, so removed documents are masked too): "
+        + ", ".join(f"{kind} {count:,}" for kind, count in pii.items() if kind != "documents")
+        + ".",
+    ]
     dedup = funnel["dedup"]
     lines += [
         "",

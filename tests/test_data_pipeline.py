@@ -63,6 +63,12 @@ def corpus(tmp_path_factory, request) -> dict:
         for page in web:
             if page["id"] not in used:
                 handle.write(json.dumps(page, ensure_ascii=False) + "\n")
+    # A UT1-style list naming the parent domain of one remaining page's host.
+    kept_web = [page for page in web if page["id"] not in used]
+    host = sorted(page["url"].split("/")[2] for page in kept_web)[0]
+    blocked = ".".join(host.split(".")[-2:])
+    (root / "blocklist" / "adult").mkdir(parents=True)
+    (root / "blocklist" / "adult" / "domains").write_text(f"{blocked}\n", encoding="utf-8")
     planted, near_pairs, exact_pairs = [], [], []
     for index, page in enumerate(long_pages[:4]):
         planted.append({"id": f"orig-{index}", "text": page["text"]})
@@ -127,6 +133,10 @@ def corpus(tmp_path_factory, request) -> dict:
         "web_docs": len(web) - len(used),
         "cross_source_pair": (long_pages[6]["id"], "cross-source"),
         "distinct_similar": ["short-a", "short-b", "overlap-a", "overlap-b"],
+        "blocklist": root / "blocklist" / "adult" / "domains",
+        "blocked_ids": {
+            page["id"] for page in kept_web if page["url"].split("/")[2].endswith(blocked)
+        },
         "planted_docs": len(planted),
         "bad_lines": 9 + len(sjis_lines),
     }
@@ -146,7 +156,12 @@ def finished(corpus, tmp_path_factory) -> dict:
                 "path": str(root / "wiki"),
                 "preset": "wikipedia",
             },
-            {"name": "web", "kind": "jsonl", "path": str(root / "web")},
+            {
+                "name": "web",
+                "kind": "jsonl",
+                "path": str(root / "web"),
+                "url_blocklist": [str(corpus["blocklist"])],
+            },
             {
                 "name": "planted",
                 "kind": "jsonl",
@@ -441,3 +456,23 @@ def test_inputs_are_the_files_a_source_reads_not_its_whole_folder(tmp_path):
         "sources.1.path/web.jsonl": tmp_path / "web.jsonl",
         "sources.2.path": tmp_path,
     }
+
+
+def test_blocklisted_domains_are_removed_and_web_pii_is_masked(finished, corpus):
+    run_dir = finished["run_dir"]
+    blocked = {d["id"]: d for d in documents_in(run_dir / "removed" / "url_blocklist")}
+    assert set(blocked) == corpus["blocked_ids"] and blocked
+    assert all(d["metadata"]["filter_reason"].startswith("adult ") for d in blocked.values())
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    row = next(r for r in report["steps"] if r["step"] == "url_blocklist")
+    assert row["removed_documents"] == len(blocked) and row["reasons"] == {"adult": len(blocked)}
+    # Real FineWeb-2 pages carry office phone numbers; the web preset masks them.
+    assert report["pii_masked"]["phone"] >= 1 and report["pii_masked"]["documents"] >= 1
+    masked = [
+        d
+        for folder in (run_dir / "documents", *(run_dir / "removed").iterdir())
+        for d in documents_in(folder)
+        if d["metadata"].get("pii_masked")
+    ]
+    assert masked and all(d["source"] == "web" for d in masked)
+    assert all("[PHONE]" in d["text"] or "[EMAIL]" in d["text"] for d in masked)

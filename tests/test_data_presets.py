@@ -170,6 +170,7 @@ def test_every_setting_in_every_preset_file_has_a_reason():
     for path in files:
         written = yaml.safe_load(path.read_text(encoding="utf-8"))
         settings = {f"normalise.{key}": s for key, s in (written.get("normalise") or {}).items()}
+        settings |= {f"pii.{key}": s for key, s in written["pii"].items()}
         for rule, rule_settings in written["filters"].items():
             settings |= {f"filters.{rule}.{key}": s for key, s in rule_settings.items()}
         for key, setting in settings.items():
