@@ -101,6 +101,16 @@ def removal_order(config: DataConfig) -> list[str]:
     return names
 
 
+class IntermediateDocuments(JsonlDocuments):
+    """kinoe's own files between steps; a folder with none (every document was removed before)
+    is an empty input, not an error."""
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        if not self.data_folder.list_files(glob_pattern=self.glob_pattern, recursive=True):
+            return
+        yield from super().run(data, rank, world_size)
+
+
 def uses_blocklist(config: DataConfig) -> bool:
     """True when some source has URL domain lists (the step and its funnel row exist only then)."""
     return any(source.url_blocklist for source in config.sources)
@@ -120,8 +130,8 @@ def build_stages(config: DataConfig, layout: Layout) -> list[PipelineStage]:
         writer = TallyingParquetWriter if config.output.format == "parquet" else TallyingJsonlWriter
         return writer(layout.documents, layout.tally(KEPT_TALLY), max_file_mb=max_file_mb)
 
-    def intermediate(folder: Path) -> JsonlDocuments:
-        return JsonlDocuments(str(folder), "*.jsonl.gz", source=None)
+    def intermediate(folder: Path) -> IntermediateDocuments:
+        return IntermediateDocuments(str(folder), "*.jsonl.gz", source=None)
 
     dedup_steps = config.dedup.exact or config.dedup.minhash.enabled
     filtered = layout.work / "filtered"

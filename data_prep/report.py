@@ -13,6 +13,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from common.errors import KinoeError
 from common.manifest import write_json_atomic
 from data_prep.config import DataConfig
 from data_prep.dedup import verification_counts
@@ -76,6 +77,31 @@ def build_funnel(config: DataConfig, layout: Layout) -> dict[str, Any]:
     }
 
 
+def nothing_readable(config: DataConfig, layout: Layout) -> str | None:
+    """One line naming every source and why its records were rejected, when not one input
+    record of any source could be read (a run with nothing to filter is the user's input)."""
+    incoming = Tally.load_all(layout.tally(INPUT_TALLY))
+    unreadable = Tally.load_all(layout.tally("removed/read_errors"))
+    if incoming.documents != unreadable.documents:
+        return None
+    parts = []
+    for index, source in enumerate(config.sources):
+        records = incoming.by_source.get(source.name, {}).get("documents", 0)
+        reasons = unreadable.reasons_by_source.get(source.name, {})
+        why = ", ".join(f"{reason} {count:,}" for reason, count in sorted(reasons.items()))
+        where = f"{source.path or source.folder()} ({source.file_glob() or 'all files'})"
+        parts.append(
+            f"source {source.name!r} (sources.{index}, {where}): {records:,} records read"
+            + (f", rejected as {why}" if why else ", its files are empty")
+        )
+    return (
+        "data: no input record was readable; "
+        + "; ".join(parts)
+        + f"; see {layout.removed('read_errors')} and fix the files or each source's "
+        "kind, glob and text_field"
+    )
+
+
 def read_samples(folder: Path, count: int) -> list[dict[str, Any]]:
     """The first ``count`` removed documents written in ``folder`` (any task's file)."""
     samples: list[dict[str, Any]] = []
@@ -129,6 +155,9 @@ def write_report(
         f"{funnel['documents_in'] - funnel['documents_kept']:,}",
         layout.report,
     )
+    unreadable = nothing_readable(config, layout)
+    if unreadable:
+        raise KinoeError(unreadable)
     if not funnel["balanced"]:
         # Every document read is either kept or written as removed by exactly one step.
         raise RuntimeError(

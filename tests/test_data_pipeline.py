@@ -476,3 +476,38 @@ def test_blocklisted_domains_are_removed_and_web_pii_is_masked(finished, corpus)
     ]
     assert masked and all(d["source"] == "web" for d in masked)
     assert all("[PHONE]" in d["text"] or "[EMAIL]" in d["text"] for d in masked)
+
+
+def test_nothing_readable_is_one_line_and_nothing_kept_is_a_run(tmp_path):
+    """Issue 19: no readable record names the source and why; all removed by filters completes."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.jsonl").write_bytes(b"")
+    (bad / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    (bad / "no_text.jsonl").write_text('{"id": 1, "body": "本文"}\n', encoding="utf-8")
+    (bad / "cut.jsonl.gz").write_bytes(gzip.compress('{"text": "あ"}\n'.encode())[:12])
+
+    def run(folder: Path, name: str):
+        config = DataConfig.model_validate(
+            {
+                "run": {"root": str(tmp_path / "runs"), "name": name},
+                "sources": [{"name": "bad", "kind": "jsonl", "path": str(folder)}],
+                "executor": {"tasks": 1, "workers": 1},
+            }
+        )
+        return run_stage(STAGE, config)
+
+    with pytest.raises(KinoeError) as caught:
+        run(bad, "unreadable")
+    message = str(caught.value)
+    assert "\n" not in message and "no input record was readable" in message
+    assert "source 'bad'" in message and "3 records read" in message
+    for reason in ("corrupt_file 1", "invalid_utf8 1", "missing_text_field 1"):
+        assert reason in message
+
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "a.jsonl").write_text('{"text": "短い。"}\n', encoding="utf-8")
+    result = run(short, "all-removed")
+    report = json.loads((result.run_dir / "report" / "report.json").read_text())
+    assert report["documents_in"] == 1 and report["documents_kept"] == 0 and report["balanced"]
