@@ -62,6 +62,13 @@ class SourceConfig(Config):
         description="Quality-filter thresholds; the preset's, with any keys given here",
     )
     url_field: str = Field("url", description="Metadata field holding a document's URL")
+    min_quality_score: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="With quality.model set: score this source's documents and remove those "
+        "under this quality score (0 scores without removing); None: not scored",
+    )
     url_blocklist: list[Path] = Field(
         default_factory=list,
         description="Domain lists (UT1 style: one domain per line, '#' comments); a document "
@@ -195,6 +202,27 @@ class ReportConfig(Config):
     sample_chars: int = Field(400, ge=20, description="Characters shown of each sample")
 
 
+class ClassifierConfig(Config):
+    """The quality classifier in a ``kinoe data`` run: which trained model scores the documents."""
+
+    model: Path | None = Field(
+        None,
+        description="Run directory of python -m data_prep.quality_train (model.bin, "
+        "classifier.json); None: no scoring. Sources score when their min_quality_score is set",
+    )
+    samples_per_band: int = Field(3, ge=0, description="Documents shown per 0.1 score band")
+
+    @field_validator("model")
+    @classmethod
+    def _trained(cls, folder: Path | None) -> Path | None:
+        if folder is not None and not (Path(folder) / "model.bin").is_file():
+            raise ValueError(
+                f"{folder} holds no model.bin; give the run directory of "
+                "python -m data_prep.quality_train"
+            )
+        return folder
+
+
 class DataConfig(StageConfig):
     """``kinoe data``: readers -> normalisation -> quality filters -> exact and MinHash dedup -> writers."""
 
@@ -205,6 +233,7 @@ class DataConfig(StageConfig):
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    quality: ClassifierConfig = Field(default_factory=ClassifierConfig)
 
     @field_validator("sources")
     @classmethod
@@ -216,25 +245,34 @@ class DataConfig(StageConfig):
         return sources
 
     def local_inputs(self) -> dict[str, Path]:
-        """Each local source's files by config key, for hashing into the manifest.
-
-        Only the files the source reads (its glob under its folder), so a README or another
-        source's files beside them do not change this run's fingerprint; a folder the glob
-        matches nothing in is listed whole, and reported by the reader.
-        """
-        inputs: dict[str, Path] = {}
-        for index, source in enumerate(self.sources):
-            if not source.is_local():
-                continue
-            key, folder, pattern = f"sources.{index}.path", Path(source.path), source.file_glob()
-            matched = folder.glob(pattern) if pattern and folder.is_dir() else []
-            files = sorted(p for p in matched if p.is_file())
-            for file in files:
-                inputs[f"{key}/{file.relative_to(folder).as_posix()}"] = file
-            if not files:
-                inputs[key] = folder
+        """Each local source's files by config key, for hashing into the manifest (see
+        ``source_inputs``), the domain lists, and the quality model."""
+        inputs = source_inputs(self.sources, "sources")
         for index, source in enumerate(self.sources):
             # A domain list edited between runs changes what is kept.
             for number, path in enumerate(source.url_blocklist):
                 inputs[f"sources.{index}.url_blocklist.{number}"] = path
+        if self.quality.model is not None:
+            inputs["quality.model"] = self.quality.model
         return inputs
+
+
+def source_inputs(sources: list[SourceConfig], prefix: str) -> dict[str, Path]:
+    """Each local source's files by config key (``<prefix>.<index>.path/<file>``).
+
+    Only the files the source reads (its glob under its folder), so a README or another
+    source's files beside them do not change a run's fingerprint; a folder the glob
+    matches nothing in is listed whole, and reported by the reader.
+    """
+    inputs: dict[str, Path] = {}
+    for index, source in enumerate(sources):
+        if not source.is_local():
+            continue
+        key, folder, pattern = f"{prefix}.{index}.path", Path(source.path), source.file_glob()
+        matched = folder.glob(pattern) if pattern and folder.is_dir() else []
+        files = sorted(p for p in matched if p.is_file())
+        for file in files:
+            inputs[f"{key}/{file.relative_to(folder).as_posix()}"] = file
+        if not files:
+            inputs[key] = folder
+    return inputs
