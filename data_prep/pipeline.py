@@ -3,7 +3,7 @@
 Steps, each a datatrove executor depending on the one before (tasks in brackets)::
 
     filter            [N]  readers -> count -> read_errors -> url_blocklist -> normalise -> pii
-                           -> quality filters -> work/filtered
+                           -> quality filters -> quality_score -> quality_classifier -> work/filtered
     exact_signature   [N]  work/filtered -> 64-bit hash of each text
     exact_find        [1]  all hashes -> which documents repeat an earlier one
     exact_filter      [N]  work/filtered -> drop repeats (removed/exact_dedup) -> work/exact_deduped
@@ -46,6 +46,7 @@ from data_prep.filter_steps import STEP_ORDER, quality_steps
 from data_prep.normalise import Normaliser
 from data_prep.outputs import CountDocuments, TallyingJsonlWriter, TallyingParquetWriter
 from data_prep.pii import PiiMasker
+from data_prep.quality_model import QualityScoreFilter, QualityScorer
 from data_prep.sources import JsonlDocuments, ReadErrors, reader_for
 from data_prep.url_blocklist import UrlBlocklistFilter
 
@@ -54,6 +55,7 @@ NEAR_DEDUP = "near_dedup"
 INPUT_TALLY = "input"
 KEPT_TALLY = "kept"
 PII_TALLY = "pii"
+QUALITY_TALLY = "quality_scores"
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ def removal_order(config: DataConfig) -> list[str]:
     if uses_blocklist(config):
         names.append(UrlBlocklistFilter.name)
     names += [step.name for step in STEP_ORDER]
+    if scored_sources(config):
+        names.append(QualityScoreFilter.name)
     if config.dedup.exact:
         names.append(EXACT_DEDUP)
     if config.dedup.minhash.enabled:
@@ -109,6 +113,13 @@ class IntermediateDocuments(JsonlDocuments):
         if not self.data_folder.list_files(glob_pattern=self.glob_pattern, recursive=True):
             return
         yield from super().run(data, rank, world_size)
+
+
+def scored_sources(config: DataConfig) -> set[str]:
+    """Sources the quality classifier scores: those with a min_quality_score, when a model is set."""
+    if config.quality.model is None:
+        return set()
+    return {s.name for s in config.sources if s.min_quality_score is not None}
 
 
 def uses_blocklist(config: DataConfig) -> bool:
@@ -152,6 +163,21 @@ def build_stages(config: DataConfig, layout: Layout) -> list[PipelineStage]:
         Normaliser({source.name: source.normalise for source in config.sources}),
         PiiMasker({source.name: source.pii for source in config.sources}, layout.tally(PII_TALLY)),
         *quality_steps({source.name: source.filters for source in config.sources}, removed_writer),
+    ]
+    if scored_sources(config):
+        first += [
+            QualityScorer(
+                config.quality.model,
+                scored_sources(config),
+                layout.tally(QUALITY_TALLY),
+                config.quality.samples_per_band,
+            ),
+            QualityScoreFilter(
+                {s.name: s.min_quality_score or 0.0 for s in config.sources},
+                exclusion_writer=removed_writer(QualityScoreFilter.name),
+            ),
+        ]
+    first += [
         TallyingJsonlWriter(filtered, layout.tally("filtered")) if dedup_steps else kept_writer(),
     ]
     stages = [PipelineStage("filter", first, tasks)]

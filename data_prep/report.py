@@ -19,7 +19,16 @@ from data_prep.config import DataConfig
 from data_prep.dedup import verification_counts
 from data_prep.outputs import LENGTH_BINS, Tally
 from data_prep.pii import pii_counts
-from data_prep.pipeline import INPUT_TALLY, KEPT_TALLY, PII_TALLY, Layout, removal_order
+from data_prep.pipeline import (
+    INPUT_TALLY,
+    KEPT_TALLY,
+    PII_TALLY,
+    QUALITY_TALLY,
+    Layout,
+    removal_order,
+    scored_sources,
+)
+from data_prep.quality_model import score_tallies
 
 
 def build_funnel(config: DataConfig, layout: Layout) -> dict[str, Any]:
@@ -136,6 +145,17 @@ def write_report(
         },
     }
     funnel["pii_masked"] = pii_counts(layout.tally(PII_TALLY))
+    if scored_sources(config):
+        scores = score_tallies(layout.tally(QUALITY_TALLY), config.quality.samples_per_band)
+        total = sum(scores["histogram"]) or 1
+        # Share of scored documents at or above each band's lower edge: what a threshold keeps.
+        scores["kept_share_by_threshold"] = {
+            f"{0.1 * band:.1f}": round(sum(scores["histogram"][band:]) / total, 4)
+            for band in range(1, 10)
+        }
+        funnel["quality_scores"] = {
+            key: value for key, value in scores.items() if key != "samples"
+        } | {"model": str(config.quality.model)}
     funnel["seconds_per_step"] = timings
     layout.report.mkdir(parents=True, exist_ok=True)
     samples = {
@@ -148,6 +168,8 @@ def write_report(
         _samples_markdown(samples, config.report.sample_chars), encoding="utf-8"
     )
     _charts(funnel, layout.report)
+    if "quality_scores" in funnel:
+        _quality_report(funnel["quality_scores"], scores["samples"], layout.report)
     logger.info(
         "data: %s documents in, %s kept, %s removed; report in %s",
         f"{funnel['documents_in']:,}",
@@ -214,6 +236,19 @@ def _markdown(funnel: dict[str, Any], layout: Layout) -> str:
         share = f"{100 * kept / got:.1f}%" if got else "-"
         removed = " | ".join(f"{counts['removed'][r['step']]:,}" for r in funnel["steps"])
         lines.append(f"| {name} | {got:,} | {kept:,} | {share} | {removed} |")
+    if "quality_scores" in funnel:
+        quality = funnel["quality_scores"]
+        lines += [
+            "",
+            "## Quality classifier",
+            "",
+            f"Model `{quality['model']}`. Scored documents: {sum(quality['histogram']):,}. "
+            "Share at or above each threshold: "
+            + ", ".join(
+                f"{t}: {share:.2f}" for t, share in quality["kept_share_by_threshold"].items()
+            )
+            + ". Histogram `quality_scores.png`, samples per band `quality_samples.md`.",
+        ]
     pii = funnel["pii_masked"]
     lines += [
         "",
@@ -322,3 +357,35 @@ def _charts(funnel: dict[str, Any], folder: Path) -> None:
     figure.tight_layout()
     figure.savefig(folder / "lengths.png", dpi=120)
     plt.close(figure)
+
+
+def _quality_report(scores: dict[str, Any], samples: list[list[dict]], folder: Path) -> None:
+    """``quality_scores.png`` (documents per 0.1 score band) and ``quality_samples.md``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{edge - 0.1:.1f}-{edge:.1f}" for edge in scores["bands"]]
+    figure, axis = plt.subplots(figsize=(8, 3.5))
+    axis.bar(labels, scores["histogram"], color="#4c72b0")
+    axis.set_xlabel("quality score (P(reference-like))")
+    axis.set_ylabel("documents scored")
+    axis.set_title("quality classifier scores")
+    axis.tick_params(axis="x", labelsize=8)
+    figure.tight_layout()
+    figure.savefig(folder / "quality_scores.png", dpi=120)
+    plt.close(figure)
+    lines = ["# Documents per quality-score band, for review", ""]
+    for label, count, documents in zip(labels, scores["histogram"], samples, strict=True):
+        lines += [f"## {label} ({count:,} documents)", ""]
+        for document in documents:
+            excerpt = document["text"].replace("\n", " ⏎ ")
+            lines += [
+                f"- `{document['id']}` ({document['source']}, score {document['score']:.3f})",
+                f"  > {excerpt}",
+                "",
+            ]
+        if not documents:
+            lines += ["(none)", ""]
+    (folder / "quality_samples.md").write_text("\n".join(lines), encoding="utf-8")
