@@ -26,6 +26,7 @@ from data_prep.config import DataConfig
 from data_prep.dedup import CharacterMinhashSignature
 from data_prep.filter_steps import quality_steps
 from data_prep.normalise import Normaliser
+from data_prep.pii import PiiMasker
 from data_prep.sources import reader_for
 
 
@@ -65,6 +66,12 @@ def main() -> None:
     documents = list(normaliser.run(iter(documents), 0, 1))
     rows.append(("normalise", time.perf_counter() - started))
 
+    with tempfile.TemporaryDirectory() as scratch:
+        masker = PiiMasker({s.name: s.pii for s in config.sources}, Path(scratch))
+        started = time.perf_counter()
+        documents = list(masker.run(iter(documents), 0, 1))
+        rows.append(("pii masking (web source only)", time.perf_counter() - started))
+
     for step in quality_steps({s.name: s.filters for s in config.sources}, lambda name: None):
         rows.append((f"filter: {step.name}", timed(step.filter, documents)))
 
@@ -98,7 +105,7 @@ def main() -> None:
     print("|---|---:|---:|")
     for name, seconds in rows:
         print(f"| {name} | {seconds:.2f} | {size / seconds:,.2f} |")
-    print(f"| **normalise + filters + MinHash** | {core:.2f} | **{size / core:,.2f}** |")
+    print(f"| **normalise + PII + filters + MinHash** | {core:.2f} | **{size / core:,.2f}** |")
     print(f"| overall `kinoe data` (1 task, 1 worker) | {overall:.2f} | {size / overall:,.2f} |")
 
 
