@@ -55,6 +55,7 @@ NEAR_DEDUP = "near_dedup"
 INPUT_TALLY = "input"
 KEPT_TALLY = "kept"
 PII_TALLY = "pii"
+NORMALISED_TALLY = "normalised"
 QUALITY_TALLY = "quality_scores"
 
 
@@ -90,11 +91,14 @@ class Layout:
         return self.work / "logs" / step
 
 
+def removed_before_normalising(config: DataConfig) -> list[str]:
+    """Removal steps before the text is normalised (their documents keep their read lengths)."""
+    return [ReadErrors.name, *([UrlBlocklistFilter.name] if uses_blocklist(config) else [])]
+
+
 def removal_order(config: DataConfig) -> list[str]:
     """Names of the steps that remove documents, in pipeline order (the funnel's rows)."""
-    names = [ReadErrors.name]
-    if uses_blocklist(config):
-        names.append(UrlBlocklistFilter.name)
+    names = removed_before_normalising(config)
     names += [step.name for step in STEP_ORDER]
     if scored_sources(config):
         names.append(QualityScoreFilter.name)
@@ -162,6 +166,8 @@ def build_stages(config: DataConfig, layout: Layout) -> list[PipelineStage]:
     first += [
         Normaliser({source.name: source.normalise for source in config.sources}),
         PiiMasker({source.name: source.pii for source in config.sources}, layout.tally(PII_TALLY)),
+        # Lengths as every later step sees them, for the report's length table.
+        CountDocuments(layout.tally(NORMALISED_TALLY)),
         *quality_steps({source.name: source.filters for source in config.sources}, removed_writer),
     ]
     if scored_sources(config):

@@ -22,10 +22,12 @@ from data_prep.pii import pii_counts
 from data_prep.pipeline import (
     INPUT_TALLY,
     KEPT_TALLY,
+    NORMALISED_TALLY,
     PII_TALLY,
     QUALITY_TALLY,
     Layout,
     removal_order,
+    removed_before_normalising,
     scored_sources,
 )
 from data_prep.quality_model import score_tallies
@@ -76,7 +78,19 @@ def build_funnel(config: DataConfig, layout: Layout) -> dict[str, Any]:
         "sources": sources,
         "length_bins": list(LENGTH_BINS),
         "length_histogram": {
-            "in": incoming.length_histogram,
+            # After normalisation, so that in = kept + removed holds bin by bin: documents
+            # counted where every later step sees them, plus those removed before that point.
+            "in": [
+                sum(column)
+                for column in zip(
+                    Tally.load_all(layout.tally(NORMALISED_TALLY)).length_histogram,
+                    *(
+                        removed[step].length_histogram
+                        for step in removed_before_normalising(config)
+                    ),
+                    strict=True,
+                )
+            ],
             "kept": kept.length_histogram,
             "removed": [
                 sum(column)
@@ -277,7 +291,7 @@ def _markdown(funnel: dict[str, Any], layout: Layout) -> str:
         "",
         "## Document lengths (characters)",
         "",
-        "| up to | in | kept | removed |",
+        "| up to | in (after normalisation) | kept | removed |",
         "|---:|---:|---:|---:|",
     ]
     histogram = funnel["length_histogram"]

@@ -230,6 +230,15 @@ def test_planted_near_and_exact_duplicates_are_removed_once(finished, corpus):
     assert any(d["metadata"]["minhash_cluster_size"] > 1 for d in survivors)
 
 
+def test_length_table_balances_bin_by_bin(finished):
+    report = json.loads((finished["run_dir"] / "report" / "report.json").read_text())
+    histogram = report["length_histogram"]
+    assert sum(histogram["in"]) == report["documents_in"]
+    assert histogram["in"] == [
+        k + r for k, r in zip(histogram["kept"], histogram["removed"], strict=True)
+    ]
+
+
 def test_distinct_similar_documents_are_not_merged(finished, corpus):
     kept = {d["id"] for d in documents_in(finished["run_dir"] / "documents")}
     assert set(corpus["distinct_similar"]) <= kept
