@@ -244,6 +244,16 @@ class DataConfig(StageConfig):
             raise ValueError(f"source names must be unique; repeated: {', '.join(repeated)}")
         return sources
 
+    @model_validator(mode="after")
+    def _scored_with_a_model(self) -> DataConfig:
+        for index, source in enumerate(self.sources):
+            if source.min_quality_score is not None and self.quality.model is None:
+                raise ValueError(
+                    f"sources.{index}.min_quality_score needs a classifier: set quality.model to "
+                    "a run directory of python -m data_prep.quality_train, or remove the threshold"
+                )
+        return self
+
     def local_inputs(self) -> dict[str, Path]:
         """Each local source's files by config key, for hashing into the manifest (see
         ``source_inputs``), the domain lists, and the quality model."""

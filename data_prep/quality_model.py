@@ -13,7 +13,9 @@ scores are read from the same C++ call that ``predict`` wraps (``model.f.predict
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import random
 from collections.abc import Mapping
@@ -66,9 +68,9 @@ class QualityModel:
             )
         self.info = json.loads(info_path.read_text())
         self.max_chars = int(self.info["max_chars"])
-        # fasttext prints a warning about load_model to stderr; the model itself is what we need.
-        fasttext.FastText.eprint = lambda *args, **kwargs: None
-        self.model = fasttext.load_model(str(model_path))
+        # load_model prints a warning about its return type on every call; it says nothing here.
+        with contextlib.redirect_stderr(io.StringIO()):
+            self.model = fasttext.load_model(str(model_path))
 
     def score(self, text: str) -> float:
         labels = dict(

@@ -123,7 +123,11 @@ def test_scores_go_into_metadata_and_the_threshold_removes_web_pages(trained, tm
     assert "score" in (run_dir / "report" / "quality_samples.md").read_text(encoding="utf-8")
 
 
-def test_a_folder_without_a_model_is_a_config_error(tmp_path):
+def test_a_missing_model_is_a_config_error(tmp_path):
+    with pytest.raises(ValidationError, match=r"sources\.0\.min_quality_score needs a classifier"):
+        DataConfig.model_validate(
+            {"sources": [{"name": "w", "kind": "jsonl", "path": "x", "min_quality_score": 0.3}]}
+        )
     with pytest.raises(ValidationError, match=r"holds no model\.bin; give the run directory"):
         DataConfig.model_validate(
             {
