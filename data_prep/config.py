@@ -12,6 +12,7 @@ from common.executor import ExecutorConfig
 from common.run import StageConfig
 from data_prep.filter_rules import QualityConfig
 from data_prep.normalise import NormaliseConfig
+from data_prep.pii import PiiConfig
 from data_prep.source_presets import source_preset
 
 SourceKind = Literal["c4_ja", "wikipedia_ja", "jsonl", "parquet", "aozora"]
@@ -53,9 +54,25 @@ class SourceConfig(Config):
     normalise: NormaliseConfig = Field(
         default=None, description="Normalisation settings; the preset's, with any keys given here"
     )
+    pii: PiiConfig = Field(
+        default=None, description="Personal data masked; the preset's (web: all kinds), or as given"
+    )
     filters: QualityConfig = Field(
         default=None,
         description="Quality-filter thresholds; the preset's, with any keys given here",
+    )
+    url_field: str = Field("url", description="Metadata field holding a document's URL")
+    min_quality_score: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="With quality.model set: score this source's documents and remove those "
+        "under this quality score (0 scores without removing); None: not scored",
+    )
+    url_blocklist: list[Path] = Field(
+        default_factory=list,
+        description="Domain lists (UT1 style: one domain per line, '#' comments); a document "
+        "whose URL's host or any parent domain is listed is removed (url_blocklist)",
     )
 
     @model_validator(mode="before")
@@ -69,8 +86,17 @@ class SourceConfig(Config):
         )
         data = dict(data)
         data["normalise"] = _merge(preset.normalise.model_dump(), data.get("normalise"))
+        data["pii"] = _merge(preset.pii.model_dump(), data.get("pii"))
         data["filters"] = _merge(preset.filters.model_dump(), data.get("filters"))
         return data
+
+    @field_validator("url_blocklist")
+    @classmethod
+    def _lists_exist(cls, paths: list[Path]) -> list[Path]:
+        for path in paths:
+            if not path.is_file():
+                raise ValueError(f"domain list {path} not found; give existing files")
+        return paths
 
     @model_validator(mode="after")
     def _readable(self) -> SourceConfig:
@@ -121,10 +147,25 @@ class MinhashSettings(Config):
     enabled: bool = True
     ngram: int = Field(5, ge=1, description="Characters per shingle")
     bands: int = Field(
-        14, ge=1, description="LSH bands (buckets); a pair matching in any band is a duplicate"
+        20,
+        ge=1,
+        description="LSH bands (buckets); a pair matching in any band is a candidate, then verified",
     )
-    rows: int = Field(8, ge=1, description="Hashes per band")
+    rows: int = Field(6, ge=1, description="Hashes per band")
     seed: int = 1
+    min_chars: int = Field(
+        100,
+        ge=0,
+        description="Documents with fewer characters are deduplicated exactly only: distinct "
+        "short leads share most of their few n-grams",
+    )
+    min_jaccard: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="Candidate pairs are duplicates only when the Jaccard similarity of their "
+        "character n-gram sets reaches this",
+    )
 
     @property
     def threshold(self) -> float:
@@ -161,6 +202,27 @@ class ReportConfig(Config):
     sample_chars: int = Field(400, ge=20, description="Characters shown of each sample")
 
 
+class ClassifierConfig(Config):
+    """The quality classifier in a ``kinoe data`` run: which trained model scores the documents."""
+
+    model: Path | None = Field(
+        None,
+        description="Run directory of python -m data_prep.quality_train (model.bin, "
+        "classifier.json); None: no scoring. Sources score when their min_quality_score is set",
+    )
+    samples_per_band: int = Field(3, ge=0, description="Documents shown per 0.1 score band")
+
+    @field_validator("model")
+    @classmethod
+    def _trained(cls, folder: Path | None) -> Path | None:
+        if folder is not None and not (Path(folder) / "model.bin").is_file():
+            raise ValueError(
+                f"{folder} holds no model.bin; give the run directory of "
+                "python -m data_prep.quality_train"
+            )
+        return folder
+
+
 class DataConfig(StageConfig):
     """``kinoe data``: readers -> normalisation -> quality filters -> exact and MinHash dedup -> writers."""
 
@@ -171,6 +233,7 @@ class DataConfig(StageConfig):
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    quality: ClassifierConfig = Field(default_factory=ClassifierConfig)
 
     @field_validator("sources")
     @classmethod
@@ -181,22 +244,45 @@ class DataConfig(StageConfig):
             raise ValueError(f"source names must be unique; repeated: {', '.join(repeated)}")
         return sources
 
-    def local_inputs(self) -> dict[str, Path]:
-        """Each local source's files by config key, for hashing into the manifest.
-
-        Only the files the source reads (its glob under its folder), so a README or another
-        source's files beside them do not change this run's fingerprint; a folder the glob
-        matches nothing in is listed whole, and reported by the reader.
-        """
-        inputs: dict[str, Path] = {}
+    @model_validator(mode="after")
+    def _scored_with_a_model(self) -> DataConfig:
         for index, source in enumerate(self.sources):
-            if not source.is_local():
-                continue
-            key, folder, pattern = f"sources.{index}.path", Path(source.path), source.file_glob()
-            matched = folder.glob(pattern) if pattern and folder.is_dir() else []
-            files = sorted(p for p in matched if p.is_file())
-            for file in files:
-                inputs[f"{key}/{file.relative_to(folder).as_posix()}"] = file
-            if not files:
-                inputs[key] = folder
+            if source.min_quality_score is not None and self.quality.model is None:
+                raise ValueError(
+                    f"sources.{index}.min_quality_score needs a classifier: set quality.model to "
+                    "a run directory of python -m data_prep.quality_train, or remove the threshold"
+                )
+        return self
+
+    def local_inputs(self) -> dict[str, Path]:
+        """Each local source's files by config key, for hashing into the manifest (see
+        ``source_inputs``), the domain lists, and the quality model."""
+        inputs = source_inputs(self.sources, "sources")
+        for index, source in enumerate(self.sources):
+            # A domain list edited between runs changes what is kept.
+            for number, path in enumerate(source.url_blocklist):
+                inputs[f"sources.{index}.url_blocklist.{number}"] = path
+        if self.quality.model is not None:
+            inputs["quality.model"] = self.quality.model
         return inputs
+
+
+def source_inputs(sources: list[SourceConfig], prefix: str) -> dict[str, Path]:
+    """Each local source's files by config key (``<prefix>.<index>.path/<file>``).
+
+    Only the files the source reads (its glob under its folder), so a README or another
+    source's files beside them do not change a run's fingerprint; a folder the glob
+    matches nothing in is listed whole, and reported by the reader.
+    """
+    inputs: dict[str, Path] = {}
+    for index, source in enumerate(sources):
+        if not source.is_local():
+            continue
+        key, folder, pattern = f"{prefix}.{index}.path", Path(source.path), source.file_glob()
+        matched = folder.glob(pattern) if pattern and folder.is_dir() else []
+        files = sorted(p for p in matched if p.is_file())
+        for file in files:
+            inputs[f"{key}/{file.relative_to(folder).as_posix()}"] = file
+        if not files:
+            inputs[key] = folder
+    return inputs

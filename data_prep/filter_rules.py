@@ -52,6 +52,12 @@ class CharacterRule(Config):
         description="Least share of hiragana among non-whitespace characters (0-1); catches "
         "Chinese and kanji-only lists, which pass the Japanese share",
     )
+    kana_below_chars: int = Field(
+        ge=0,
+        description="Documents with fewer non-whitespace characters meet min_hiragana_fraction "
+        "with hiragana and katakana together: a one-line lead of names and loanwords "
+        "(JRNフルネット局。) is Japanese without hiragana, a long text without any is a list",
+    )
     max_katakana_fraction: float = Field(
         ge=0,
         le=1,

@@ -134,7 +134,8 @@ class LengthFilter(QualityFilter):
 
 
 class CharacterFilter(QualityFilter):
-    """Too little Japanese (English, code, tables), too little hiragana (Chinese), too much katakana."""
+    """Too little Japanese (English, code, tables), too little hiragana (Chinese; katakana counts
+    too in a short text), too much katakana."""
 
     name = "japanese_characters"
     rule = "characters"
@@ -143,9 +144,13 @@ class CharacterFilter(QualityFilter):
         self, text: str, rule: CharacterRule, source: str
     ) -> tuple[dict[str, float], str | None]:
         scores = character_fractions(text)
+        kana = "hiragana_fraction"
+        if scores["chars"] < rule.kana_below_chars:
+            kana = "kana_fraction"
+            scores[kana] = scores["hiragana_fraction"] + scores["katakana_fraction"]
         return scores, _first(
             _below("japanese_fraction", scores["japanese_fraction"], rule.min_japanese_fraction),
-            _below("hiragana_fraction", scores["hiragana_fraction"], rule.min_hiragana_fraction),
+            _below(kana, scores[kana], rule.min_hiragana_fraction),
             _above("katakana_fraction", scores["katakana_fraction"], rule.max_katakana_fraction),
         )
 

@@ -51,6 +51,8 @@ class Tally:
     by_source: dict[str, dict[str, int]] = field(default_factory=dict)
     # Why documents were removed, by the first word of the step's reason (e.g. "invalid_utf8").
     by_reason: dict[str, int] = field(default_factory=dict)
+    # The same per source, so that a source whose records are all unreadable can be named.
+    reasons_by_source: dict[str, dict[str, int]] = field(default_factory=dict)
     length_histogram: list[int] = field(default_factory=lambda: [0] * (len(LENGTH_BINS) + 1))
 
     def add(self, document: Document) -> None:
@@ -67,6 +69,8 @@ class Tally:
         if reason:
             key = str(reason).split(" ", 1)[0]
             self.by_reason[key] = self.by_reason.get(key, 0) + 1
+            reasons = self.reasons_by_source.setdefault(str(document.metadata.get("source")), {})
+            reasons[key] = reasons.get(key, 0) + 1
 
     def merge(self, other: Tally) -> Tally:
         self.documents += other.documents
@@ -77,6 +81,10 @@ class Tally:
             mine["characters"] += counts["characters"]
         for reason, count in other.by_reason.items():
             self.by_reason[reason] = self.by_reason.get(reason, 0) + count
+        for source, reasons in other.reasons_by_source.items():
+            mine = self.reasons_by_source.setdefault(source, {})
+            for reason, count in reasons.items():
+                mine[reason] = mine.get(reason, 0) + count
         self.length_histogram = [
             a + b for a, b in zip(self.length_histogram, other.length_histogram, strict=True)
         ]

@@ -13,10 +13,24 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from common.errors import KinoeError
 from common.manifest import write_json_atomic
 from data_prep.config import DataConfig
+from data_prep.dedup import verification_counts
 from data_prep.outputs import LENGTH_BINS, Tally
-from data_prep.pipeline import INPUT_TALLY, KEPT_TALLY, Layout, removal_order
+from data_prep.pii import pii_counts
+from data_prep.pipeline import (
+    INPUT_TALLY,
+    KEPT_TALLY,
+    NORMALISED_TALLY,
+    PII_TALLY,
+    QUALITY_TALLY,
+    Layout,
+    removal_order,
+    removed_before_normalising,
+    scored_sources,
+)
+from data_prep.quality_model import score_tallies
 
 
 def build_funnel(config: DataConfig, layout: Layout) -> dict[str, Any]:
@@ -64,7 +78,19 @@ def build_funnel(config: DataConfig, layout: Layout) -> dict[str, Any]:
         "sources": sources,
         "length_bins": list(LENGTH_BINS),
         "length_histogram": {
-            "in": incoming.length_histogram,
+            # After normalisation, so that in = kept + removed holds bin by bin: documents
+            # counted where every later step sees them, plus those removed before that point.
+            "in": [
+                sum(column)
+                for column in zip(
+                    Tally.load_all(layout.tally(NORMALISED_TALLY)).length_histogram,
+                    *(
+                        removed[step].length_histogram
+                        for step in removed_before_normalising(config)
+                    ),
+                    strict=True,
+                )
+            ],
             "kept": kept.length_histogram,
             "removed": [
                 sum(column)
@@ -72,6 +98,31 @@ def build_funnel(config: DataConfig, layout: Layout) -> dict[str, Any]:
             ],
         },
     }
+
+
+def nothing_readable(config: DataConfig, layout: Layout) -> str | None:
+    """One line naming every source and why its records were rejected, when not one input
+    record of any source could be read (a run with nothing to filter is the user's input)."""
+    incoming = Tally.load_all(layout.tally(INPUT_TALLY))
+    unreadable = Tally.load_all(layout.tally("removed/read_errors"))
+    if incoming.documents != unreadable.documents:
+        return None
+    parts = []
+    for index, source in enumerate(config.sources):
+        records = incoming.by_source.get(source.name, {}).get("documents", 0)
+        reasons = unreadable.reasons_by_source.get(source.name, {})
+        why = ", ".join(f"{reason} {count:,}" for reason, count in sorted(reasons.items()))
+        where = f"{source.path or source.folder()} ({source.file_glob() or 'all files'})"
+        parts.append(
+            f"source {source.name!r} (sources.{index}, {where}): {records:,} records read"
+            + (f", rejected as {why}" if why else ", its files are empty")
+        )
+    return (
+        "data: no input record was readable; "
+        + "; ".join(parts)
+        + f"; see {layout.removed('read_errors')} and fix the files or each source's "
+        "kind, glob and text_field"
+    )
 
 
 def read_samples(folder: Path, count: int) -> list[dict[str, Any]]:
@@ -99,11 +150,26 @@ def write_report(
         "minhash_bands": minhash.bands,
         "minhash_rows": minhash.rows,
         "minhash_threshold": round(minhash.threshold, 4),
+        "minhash_min_chars": minhash.min_chars,
+        "minhash_min_jaccard": minhash.min_jaccard,
+        "minhash_pairs": verification_counts(layout.minhash_verified) if minhash.enabled else {},
         "detection_probability": {
             f"{s:.2f}": round(minhash.detection_probability(s), 4)
             for s in (0.5, 0.7, 0.8, 0.9, 0.95)
         },
     }
+    funnel["pii_masked"] = pii_counts(layout.tally(PII_TALLY))
+    if scored_sources(config):
+        scores = score_tallies(layout.tally(QUALITY_TALLY), config.quality.samples_per_band)
+        total = sum(scores["histogram"]) or 1
+        # Share of scored documents at or above each band's lower edge: what a threshold keeps.
+        scores["kept_share_by_threshold"] = {
+            f"{0.1 * band:.1f}": round(sum(scores["histogram"][band:]) / total, 4)
+            for band in range(1, 10)
+        }
+        funnel["quality_scores"] = {
+            key: value for key, value in scores.items() if key != "samples"
+        } | {"model": str(config.quality.model)}
     funnel["seconds_per_step"] = timings
     layout.report.mkdir(parents=True, exist_ok=True)
     samples = {
@@ -116,6 +182,8 @@ def write_report(
         _samples_markdown(samples, config.report.sample_chars), encoding="utf-8"
     )
     _charts(funnel, layout.report)
+    if "quality_scores" in funnel:
+        _quality_report(funnel["quality_scores"], scores["samples"], layout.report)
     logger.info(
         "data: %s documents in, %s kept, %s removed; report in %s",
         f"{funnel['documents_in']:,}",
@@ -123,6 +191,9 @@ def write_report(
         f"{funnel['documents_in'] - funnel['documents_kept']:,}",
         layout.report,
     )
+    unreadable = nothing_readable(config, layout)
+    if unreadable:
+        raise KinoeError(unreadable)
     if not funnel["balanced"]:
         # Every document read is either kept or written as removed by exactly one step.
         raise RuntimeError(
@@ -136,6 +207,7 @@ def write_report(
         "characters_in",
         "characters_kept",
         "balanced",
+        "pii_masked",
     )
     return {key: funnel[key] for key in summary_keys} | {
         "removed_by_step": {row["step"]: row["removed_documents"] for row in funnel["steps"]}
@@ -178,6 +250,29 @@ def _markdown(funnel: dict[str, Any], layout: Layout) -> str:
         share = f"{100 * kept / got:.1f}%" if got else "-"
         removed = " | ".join(f"{counts['removed'][r['step']]:,}" for r in funnel["steps"])
         lines.append(f"| {name} | {got:,} | {kept:,} | {share} | {removed} |")
+    if "quality_scores" in funnel:
+        quality = funnel["quality_scores"]
+        lines += [
+            "",
+            "## Quality classifier",
+            "",
+            f"Model `{quality['model']}`. Scored documents: {sum(quality['histogram']):,}. "
+            "Share at or above each threshold: "
+            + ", ".join(
+                f"{t}: {share:.2f}" for t, share in quality["kept_share_by_threshold"].items()
+            )
+            + ". Histogram `quality_scores.png`, samples per band `quality_samples.md`.",
+        ]
+    pii = funnel["pii_masked"]
+    lines += [
+        "",
+        "## Personal data masked",
+        "",
+        f"{pii['documents']:,} documents had personal data replaced by placeholders (before the "
+        "filters, so removed documents are masked too): "
+        + ", ".join(f"{kind} {count:,}" for kind, count in pii.items() if kind != "documents")
+        + ".",
+    ]
     dedup = funnel["dedup"]
     lines += [
         "",
@@ -185,13 +280,18 @@ def _markdown(funnel: dict[str, Any], layout: Layout) -> str:
         "",
         f"Exact: {'on' if dedup['exact'] else 'off'}. MinHash: {'on' if dedup['minhash'] else 'off'}, "
         f"{dedup['minhash_ngram_chars']}-character shingles, {dedup['minhash_bands']} bands x {dedup['minhash_rows']} rows, "
-        f"threshold about {dedup['minhash_threshold']:.2f} Jaccard similarity. Probability that a pair is found: "
+        f"band threshold about {dedup['minhash_threshold']:.2f} Jaccard similarity. Probability that a pair "
+        "becomes a candidate: "
         + ", ".join(f"{p:.2f} at {s}" for s, p in dedup["detection_probability"].items())
+        + f". Candidates are duplicates only at a true Jaccard similarity of at least "
+        f"{dedup['minhash_min_jaccard']}; documents under {dedup['minhash_min_chars']} characters are "
+        "deduplicated exactly only. Candidate pairs: "
+        + ", ".join(f"{key} {value:,}" for key, value in dedup["minhash_pairs"].items())
         + ".",
         "",
         "## Document lengths (characters)",
         "",
-        "| up to | in | kept | removed |",
+        "| up to | in (after normalisation) | kept | removed |",
         "|---:|---:|---:|---:|",
     ]
     histogram = funnel["length_histogram"]
@@ -271,3 +371,35 @@ def _charts(funnel: dict[str, Any], folder: Path) -> None:
     figure.tight_layout()
     figure.savefig(folder / "lengths.png", dpi=120)
     plt.close(figure)
+
+
+def _quality_report(scores: dict[str, Any], samples: list[list[dict]], folder: Path) -> None:
+    """``quality_scores.png`` (documents per 0.1 score band) and ``quality_samples.md``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{edge - 0.1:.1f}-{edge:.1f}" for edge in scores["bands"]]
+    figure, axis = plt.subplots(figsize=(8, 3.5))
+    axis.bar(labels, scores["histogram"], color="#4c72b0")
+    axis.set_xlabel("quality score (P(reference-like))")
+    axis.set_ylabel("documents scored")
+    axis.set_title("quality classifier scores")
+    axis.tick_params(axis="x", labelsize=8)
+    figure.tight_layout()
+    figure.savefig(folder / "quality_scores.png", dpi=120)
+    plt.close(figure)
+    lines = ["# Documents per quality-score band, for review", ""]
+    for label, count, documents in zip(labels, scores["histogram"], samples, strict=True):
+        lines += [f"## {label} ({count:,} documents)", ""]
+        for document in documents:
+            excerpt = document["text"].replace("\n", " ⏎ ")
+            lines += [
+                f"- `{document['id']}` ({document['source']}, score {document['score']:.3f})",
+                f"  > {excerpt}",
+                "",
+            ]
+        if not documents:
+            lines += ["(none)", ""]
+    (folder / "quality_samples.md").write_text("\n".join(lines), encoding="utf-8")

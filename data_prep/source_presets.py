@@ -21,6 +21,7 @@ from common.config import Config, read_yaml
 from common.errors import ConfigError
 from data_prep.filter_rules import QualityConfig
 from data_prep.normalise import NormaliseConfig
+from data_prep.pii import PiiConfig
 
 PRESETS_DIR = Path(__file__).with_name("presets")
 PRESET_NAMES: tuple[str, ...] = tuple(sorted(path.stem for path in PRESETS_DIR.glob("*.yaml")))
@@ -49,9 +50,10 @@ class Setting(Config):
 
 
 class PresetFile(Config):
-    """A preset file as written: normalise settings by key, filter settings by rule and key."""
+    """A preset file as written: normalise and PII settings by key, filter settings by rule and key."""
 
     normalise: dict[str, Setting] = Field(default_factory=dict)
+    pii: dict[str, Setting] = Field(default_factory=dict)
     filters: dict[str, dict[str, Setting]]
 
 
@@ -60,6 +62,7 @@ class SourcePreset(Config):
 
     name: str
     normalise: NormaliseConfig
+    pii: PiiConfig
     filters: QualityConfig
     reasons: dict[str, str] = Field(
         description="Reason by dotted key as in a source's config, e.g. 'filters.length.min_chars'"
@@ -97,15 +100,22 @@ def read_preset(path: Path) -> SourcePreset:
     except ValidationError as error:
         problems.append(_describe(path, error, ("normalise",)))
     try:
+        pii = PiiConfig.model_validate({key: s.value for key, s in written.pii.items()})
+    except ValidationError as error:
+        problems.append(_describe(path, error, ("pii",)))
+    try:
         filters = QualityConfig.model_validate(filter_values)
     except ValidationError as error:
         problems.append(_describe(path, error, ("filters",)))
     if problems:
         raise ConfigError("\n".join(problems))
     reasons = {f"normalise.{key}": s.reason for key, s in written.normalise.items()}
+    reasons |= {f"pii.{key}": s.reason for key, s in written.pii.items()}
     for rule, settings in written.filters.items():
         reasons |= {f"filters.{rule}.{key}": s.reason for key, s in settings.items()}
-    return SourcePreset(name=path.stem, normalise=normalise, filters=filters, reasons=reasons)
+    return SourcePreset(
+        name=path.stem, normalise=normalise, pii=pii, filters=filters, reasons=reasons
+    )
 
 
 def _describe(path: Path, error: ValidationError, prefix: tuple[str, ...]) -> str:

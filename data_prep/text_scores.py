@@ -52,12 +52,19 @@ def _run_chars(pattern: re.Pattern[str], text: str) -> int:
 
 
 def character_fractions(text: str) -> dict[str, float]:
-    """Shares of Japanese, hiragana and katakana among the non-whitespace characters (0-1)."""
+    """Shares of Japanese, hiragana and katakana among the non-whitespace characters (0-1),
+    and their count (``chars``)."""
     compact = without_whitespace(text)
     if not compact:
-        return {"japanese_fraction": 0.0, "hiragana_fraction": 0.0, "katakana_fraction": 0.0}
+        return {
+            "chars": 0,
+            "japanese_fraction": 0.0,
+            "hiragana_fraction": 0.0,
+            "katakana_fraction": 0.0,
+        }
     total = len(compact)
     return {
+        "chars": total,
         "japanese_fraction": _run_chars(_JAPANESE_RUNS, compact) / total,
         "hiragana_fraction": _run_chars(_HIRAGANA_RUNS, compact) / total,
         "katakana_fraction": _run_chars(_KATAKANA_RUNS, compact) / total,

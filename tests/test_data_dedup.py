@@ -7,10 +7,11 @@ import json
 
 import numpy as np
 import pytest
-from datatrove.pipeline.dedup.minhash import MinhashDedupSignature, _mersenne_prime
+from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
 
 from data_prep.config import MinhashSettings
-from data_prep.dedup import CharacterMinhashSignature, character_shingles
+from data_prep.dedup import CharacterMinhashSignature, ShingleStore, character_shingles
+from data_prep.dedup import jaccard as shingle_jaccard
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ def test_block_signature_equals_the_direct_formula(tmp_path, leads):
     assert shingles.shape[0] > 8192
     a, b = step.parameters
     with np.errstate(over="ignore"):
-        direct = ((shingles * a + b) % _mersenne_prime).min(axis=0)
+        direct = (shingles * (a | np.uint64(1)) + b).min(axis=0)  # odd a: a bijection mod 2^64
     expected = [band.tolist() for band in np.split(direct, step.config.num_buckets)]
     assert step.get_signature(shingles) == expected
     assert isinstance(step, MinhashDedupSignature)
@@ -72,3 +73,21 @@ def test_threshold_and_detection_probability():
     assert settings.threshold == pytest.approx((1 / 14) ** (1 / 8))
     assert settings.detection_probability(0.9) > 0.99
     assert settings.detection_probability(0.5) < 0.06
+
+
+def test_stored_shingles_give_the_true_jaccard_and_short_texts_no_signature(tmp_path, leads):
+    settings = MinhashSettings(min_chars=100)
+    step = CharacterMinhashSignature(str(tmp_path), settings)
+    texts = [max(leads, key=len), sorted(leads, key=len)[-2], min(leads, key=len)]
+    texts.append(texts[0][:200] + "そして" + texts[0][203:])
+    writer = step.store.writer(3)
+    step._writer = writer
+    shingles = [step.get_shingles(text) for text in texts]
+    writer.close()
+    assert len(texts[2]) < 100 and shingles[2].size == 0  # left to exact dedup
+    store = ShingleStore(tmp_path / "shingles")
+    for i, j in ((0, 1), (0, 3)):
+        assert shingle_jaccard(store.shingles(3, i), store.shingles(3, j)) == pytest.approx(
+            jaccard(texts[i], texts[j]), abs=1e-6
+        )
+    assert store.shingles(3, 2).size == 0

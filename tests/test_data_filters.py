@@ -150,8 +150,30 @@ def test_chinese_and_kanji_only_text_fail_the_hiragana_fraction(page, leads):
     )
     assert character_fractions(chinese)["japanese_fraction"] > 0.9  # hanzi count as kanji
     assert removal_reason(step, chinese).startswith("hiragana_fraction 0.000 <")
-    kanji_only = "".join(char for char in leads[0] if not "\u3041" <= char <= "\u309f")
-    assert removal_reason(step, kanji_only, "wikipedia").startswith("hiragana_fraction")
+    without_hiragana = "".join(char for char in leads[0] if not "\u3041" <= char <= "\u309f")
+    assert removal_reason(step, without_hiragana * 10, "wikipedia").startswith("hiragana")
+    # Below kana_below_chars katakana counts as kana too, but Chinese has none of either.
+    assert removal_reason(step, chinese[:40], "wikipedia").startswith("kana_fraction 0.000 <")
+
+
+def test_short_katakana_and_kanji_leads_are_japanese(leads):
+    """Held-out Wikipedia leads without hiragana (issue 19) and the real ones like them."""
+    step = CharacterFilter(RULES)
+    for lead in ("JRNフルネット局。", "アイデンティティー、又は、アイデンティティ。"):
+        assert character_fractions(lead)["hiragana_fraction"] < 0.05
+        assert removal_reason(step, lead, "wikipedia") is None
+    short_without_hiragana = [
+        lead
+        for lead in leads
+        if len(lead) < 100
+        and character_fractions(lead)["hiragana_fraction"] < 0.05
+        and character_fractions(lead)["katakana_fraction"] >= 0.05
+        and character_fractions(lead)["japanese_fraction"] >= 0.4
+    ]
+    assert len(short_without_hiragana) >= 8  # 通称サンスポ。, 別名サル目。, コピー。, ...
+    assert all(removal_reason(step, lead, "wikipedia") is None for lead in short_without_hiragana)
+    # A long text keeps the hiragana rule: a page of katakana and kanji is a list, not prose.
+    assert removal_reason(step, "東京タワー観光案内。" * 12, "wikipedia").startswith("hiragana")
 
 
 def test_katakana_spam_fails_the_katakana_fraction(page):
@@ -349,7 +371,9 @@ def test_character_and_line_scores_on_small_examples():
     assert fractions["hiragana_fraction"] == pytest.approx(4 / 14)
     assert fractions["katakana_fraction"] == pytest.approx(4 / 14)
     assert fractions["japanese_fraction"] == pytest.approx(11 / 14)
+    assert fractions["chars"] == 14
     assert character_fractions(" \n") == {
+        "chars": 0,
         "japanese_fraction": 0.0,
         "hiragana_fraction": 0.0,
         "katakana_fraction": 0.0,

@@ -63,6 +63,12 @@ def corpus(tmp_path_factory, request) -> dict:
         for page in web:
             if page["id"] not in used:
                 handle.write(json.dumps(page, ensure_ascii=False) + "\n")
+    # A UT1-style list naming the parent domain of one remaining page's host.
+    kept_web = [page for page in web if page["id"] not in used]
+    host = sorted(page["url"].split("/")[2] for page in kept_web)[0]
+    blocked = ".".join(host.split(".")[-2:])
+    (root / "blocklist" / "adult").mkdir(parents=True)
+    (root / "blocklist" / "adult" / "domains").write_text(f"{blocked}\n", encoding="utf-8")
     planted, near_pairs, exact_pairs = [], [], []
     for index, page in enumerate(long_pages[:4]):
         planted.append({"id": f"orig-{index}", "text": page["text"]})
@@ -73,6 +79,22 @@ def corpus(tmp_path_factory, request) -> dict:
         planted.append({"id": f"twin-b-{index}", "text": page["text"]})
         exact_pairs.append((f"twin-a-{index}", f"twin-b-{index}"))
     planted.append({"id": "cross-source", "text": long_pages[6]["text"]})
+    # Distinct documents that MinHash alone would merge (issue 19): a short lead and the same
+    # lead about another place (exact dedup only below minhash.min_chars), and a long text
+    # sharing 82% of another (Jaccard about 0.7: a likely band candidate, rejected on verification).
+    leads = [d["text"] for d in read_jsonl_gz(shared / "corpus" / "wikipedia_ja_leads.jsonl.gz")]
+    short = next(t for t in leads if 60 <= len(t) < 90 and "県" in t)
+    planted.append({"id": "short-a", "text": short.replace("県", "州", 1)})
+    planted.append({"id": "short-b", "text": short.replace("県", "府", 1)})
+    long_text = "".join(leads[100:130])
+    cut = int(len(long_text) * 0.82)
+    planted.append({"id": "overlap-a", "text": long_text})
+    planted.append(
+        {
+            "id": "overlap-b",
+            "text": long_text[:cut] + "".join(leads[300:340])[: len(long_text) - cut],
+        }
+    )
     (root / "planted").mkdir()
     with (root / "planted" / "copies.jsonl").open("w", encoding="utf-8") as handle:
         for record in planted:
@@ -110,6 +132,11 @@ def corpus(tmp_path_factory, request) -> dict:
         "wiki_docs": 2022,
         "web_docs": len(web) - len(used),
         "cross_source_pair": (long_pages[6]["id"], "cross-source"),
+        "distinct_similar": ["short-a", "short-b", "overlap-a", "overlap-b"],
+        "blocklist": root / "blocklist" / "adult" / "domains",
+        "blocked_ids": {
+            page["id"] for page in kept_web if page["url"].split("/")[2].endswith(blocked)
+        },
         "planted_docs": len(planted),
         "bad_lines": 9 + len(sjis_lines),
     }
@@ -129,7 +156,12 @@ def finished(corpus, tmp_path_factory) -> dict:
                 "path": str(root / "wiki"),
                 "preset": "wikipedia",
             },
-            {"name": "web", "kind": "jsonl", "path": str(root / "web")},
+            {
+                "name": "web",
+                "kind": "jsonl",
+                "path": str(root / "web"),
+                "url_blocklist": [str(corpus["blocklist"])],
+            },
             {
                 "name": "planted",
                 "kind": "jsonl",
@@ -196,6 +228,24 @@ def test_planted_near_and_exact_duplicates_are_removed_once(finished, corpus):
     planted_ids = {i for pair in corpus["near_pairs"] + corpus["exact_pairs"] for i in pair}
     survivors = [d for d in documents_in(run_dir / "documents") if d["id"] in planted_ids]
     assert any(d["metadata"]["minhash_cluster_size"] > 1 for d in survivors)
+
+
+def test_length_table_balances_bin_by_bin(finished):
+    report = json.loads((finished["run_dir"] / "report" / "report.json").read_text())
+    histogram = report["length_histogram"]
+    assert sum(histogram["in"]) == report["documents_in"]
+    assert histogram["in"] == [
+        k + r for k, r in zip(histogram["kept"], histogram["removed"], strict=True)
+    ]
+
+
+def test_distinct_similar_documents_are_not_merged(finished, corpus):
+    kept = {d["id"] for d in documents_in(finished["run_dir"] / "documents")}
+    assert set(corpus["distinct_similar"]) <= kept
+    report = json.loads((finished["run_dir"] / "report" / "report.json").read_text())
+    pairs = report["dedup"]["minhash_pairs"]
+    assert pairs["rejected"] >= 1 and pairs["verified"] >= len(corpus["near_pairs"])
+    assert pairs["candidates"] == pairs["verified"] + pairs["rejected"]
 
 
 def test_bad_input_is_counted_under_named_reasons(finished):
@@ -415,3 +465,58 @@ def test_inputs_are_the_files_a_source_reads_not_its_whole_folder(tmp_path):
         "sources.1.path/web.jsonl": tmp_path / "web.jsonl",
         "sources.2.path": tmp_path,
     }
+
+
+def test_blocklisted_domains_are_removed_and_web_pii_is_masked(finished, corpus):
+    run_dir = finished["run_dir"]
+    blocked = {d["id"]: d for d in documents_in(run_dir / "removed" / "url_blocklist")}
+    assert set(blocked) == corpus["blocked_ids"] and blocked
+    assert all(d["metadata"]["filter_reason"].startswith("adult ") for d in blocked.values())
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    row = next(r for r in report["steps"] if r["step"] == "url_blocklist")
+    assert row["removed_documents"] == len(blocked) and row["reasons"] == {"adult": len(blocked)}
+    # Real FineWeb-2 pages carry office phone numbers; the web preset masks them.
+    assert report["pii_masked"]["phone"] >= 1 and report["pii_masked"]["documents"] >= 1
+    masked = [
+        d
+        for folder in (run_dir / "documents", *(run_dir / "removed").iterdir())
+        for d in documents_in(folder)
+        if d["metadata"].get("pii_masked")
+    ]
+    assert masked and all(d["source"] == "web" for d in masked)
+    assert all("[PHONE]" in d["text"] or "[EMAIL]" in d["text"] for d in masked)
+
+
+def test_nothing_readable_is_one_line_and_nothing_kept_is_a_run(tmp_path):
+    """Issue 19: no readable record names the source and why; all removed by filters completes."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.jsonl").write_bytes(b"")
+    (bad / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    (bad / "no_text.jsonl").write_text('{"id": 1, "body": "本文"}\n', encoding="utf-8")
+    (bad / "cut.jsonl.gz").write_bytes(gzip.compress('{"text": "あ"}\n'.encode())[:12])
+
+    def run(folder: Path, name: str):
+        config = DataConfig.model_validate(
+            {
+                "run": {"root": str(tmp_path / "runs"), "name": name},
+                "sources": [{"name": "bad", "kind": "jsonl", "path": str(folder)}],
+                "executor": {"tasks": 1, "workers": 1},
+            }
+        )
+        return run_stage(STAGE, config)
+
+    with pytest.raises(KinoeError) as caught:
+        run(bad, "unreadable")
+    message = str(caught.value)
+    assert "\n" not in message and "no input record was readable" in message
+    assert "source 'bad'" in message and "3 records read" in message
+    for reason in ("corrupt_file 1", "invalid_utf8 1", "missing_text_field 1"):
+        assert reason in message
+
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "a.jsonl").write_text('{"text": "短い。"}\n', encoding="utf-8")
+    result = run(short, "all-removed")
+    report = json.loads((result.run_dir / "report" / "report.json").read_text())
+    assert report["documents_in"] == 1 and report["documents_kept"] == 0 and report["balanced"]

@@ -31,6 +31,8 @@ def test_slurm_arrays_then_report_job_complete_the_run(slurm_cluster, monkeypatc
                     "preset": "wikipedia",
                 },
             ],
+            # Few bands: each is a task of two array jobs, and this test is about the arrays.
+            "dedup": {"minhash": {"bands": 4}},
             "executor": {
                 "kind": "slurm",
                 "tasks": 2,
@@ -42,7 +44,7 @@ def test_slurm_arrays_then_report_job_complete_the_run(slurm_cluster, monkeypatc
     submitted = run_stage(STAGE, config)
     assert submitted.status == "submitted" and submitted.manifest.status == "submitted"
     jobs = submitted.manifest.summary["jobs"]
-    assert len(jobs) == 9  # eight steps and the report job
+    assert len(jobs) == 10  # nine steps and the report job
     # Submitting again while those jobs are queued would run every task twice: refused, and
     # the run directory keeps its submitted manifest.
     with pytest.raises(KinoeError, match="still queued or running"):
