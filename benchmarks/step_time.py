@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gzip
+import itertools
 import json
 import os
 import re
@@ -210,7 +211,7 @@ def run_row(task: str, code: Path, args: argparse.Namespace, paths: dict, root: 
         return {"error": f"{len(arrivals)} of {total} steps recorded; log {root / 'output.log'}:"
                          f"\n{text[-3000:]}"}  # fmt: skip
     marks = list(range(args.warmup_steps, total + 1, args.log_interval))
-    intervals = [(arrivals[b][0] - arrivals[a][0]) / (b - a) for a, b in zip(marks, marks[1:])]
+    intervals = [(arrivals[b][0] - arrivals[a][0]) / (b - a) for a, b in itertools.pairwise(marks)]
     seconds = arrivals[total][0] - arrivals[args.warmup_steps][0]
     tokens = sum(arrivals[s][1] for s in range(args.warmup_steps + 1, total + 1))
     peaks = [float(m) for m in re.findall(r"max allocated ([\d.]+) GiB", text)]
@@ -264,8 +265,10 @@ def run(args: argparse.Namespace) -> int:
         length = args.seq_len if row["task"] == "pretrain" else args.sft_max_length
         mfu = row["tokens_per_s"] * _flops_per_token(args.preset, length) / PEAK_FLOPS
         peak = f"{row['peak_gib']:.1f}" if row["peak_gib"] is not None else "-"
-        print(f"| {row['task']} | {row['code']} | {row['repeat']} | {row['step_s']:.4f} | "
-              f"{row['tokens_per_s']:,.0f} | {100 * mfu:.1f}% | {peak} | {row['wall_s']:.0f} |")
+        print(
+            f"| {row['task']} | {row['code']} | {row['repeat']} | {row['step_s']:.4f} | "
+            f"{row['tokens_per_s']:,.0f} | {100 * mfu:.1f}% | {peak} | {row['wall_s']:.0f} |"
+        )
     for row in failed:
         print(f"FAILED {row['task']} {row['code']} {row['repeat']}: {row['error']}",
               file=sys.stderr)  # fmt: skip
