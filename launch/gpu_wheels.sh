@@ -4,12 +4,17 @@
 #   bash launch/gpu_wheels.sh build DIR            # here, with internet: every missing wheel into DIR
 #   eval "$(bash launch/gpu_wheels.sh install DIR)" # there: installs them, exports PYTHONPATH
 #
-# The lent GPU images ship CUDA torch, transformers, tokenizers, safetensors, sentencepiece,
-# peft, numpy, scipy, pyarrow, pyyaml, xxhash, tqdm, matplotlib and protobuf (pip list there, and
-# docs/environment.md). Of pyproject.toml's pins the rest are missing; this brings those that
-# the GPU side imports, at pyproject's versions, and never torch: the image's build matches its
-# driver. Left out on purpose: datatrove and datasets (data_prep and tokenizer encoding run on
-# CPU nodes; bring token shards instead) and wandb (a machine with no internet cannot log).
+# shellcheck disable=SC2034  # the three lists are read by tests/test_environment.py
+# Every pyproject.toml dependency is in exactly one of these lists (tests/test_environment.py
+# checks), so a new dependency needs a decision here:
+# - the lent GPU images already ship it (torch above all is never brought: the image's build
+#   matches its driver; the others are close enough to the pins for the GPU stages);
+IMAGE_HAS="torch transformers tokenizers safetensors sentencepiece numpy pyarrow xxhash tqdm matplotlib scipy peft protobuf pyyaml"
+# - not needed there: data preparation and tokenizer encoding run on CPU machines (bring their
+#   outputs), and W&B cannot log without internet;
+LEFT_OUT="datatrove datasets orjson wandb"
+# - brought, at pyproject's version, with the dependencies the image lacks (build below).
+BROUGHT="deepspeed pydantic"
 #
 # Settings (environment): PYTHON_VERSION (default 3.12, the image's) for `build`; PYTHON (default
 # python3) for both; SITE (default DIR/site) is where `install` puts the packages.
