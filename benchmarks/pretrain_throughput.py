@@ -193,7 +193,7 @@ def main() -> None:
         print("RESULT " + json.dumps(measure(args.run, args)), flush=True)
         return
 
-    rows = []
+    rows, failed = [], []
     for variant in args.variants.split(","):
         command = [sys.executable, __file__, "--run", variant]
         for flag in (
@@ -214,6 +214,7 @@ def main() -> None:
         lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
         if result.returncode or not lines:
             print(f"{variant}: failed\n{result.stderr[-4000:]}", file=sys.stderr)
+            failed.append(variant)
             continue
         rows.append(json.loads(lines[-1][len("RESULT ") :]))
 
@@ -230,6 +231,9 @@ def main() -> None:
             f"| {row['variant']} | {row['step_ms']:.1f} | {row['tokens_per_s']:,.0f} | "
             f"{100 * row['mfu']:.1f}% | {row['peak_gib']:.1f} | {ratio:.2f}x |"
         )
+    if failed:
+        # A table missing rows must not read as a successful benchmark to a script or a person.
+        sys.exit(f"failed variants: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import tomllib
 from pathlib import Path
 
@@ -46,6 +47,19 @@ def test_environment_pins_equal_pyproject_pins():
     assert all(spec.startswith("==") for spec in pinned.values()), (
         "the shared environment pins exact versions"
     )
+
+
+def test_gpu_wheels_decides_every_dependency():
+    # launch/gpu_wheels.sh makes a bare GPU machine usable: each pin is shipped by the image,
+    # left out on purpose, or brought; a new dependency must be placed in one list.
+    script = (REPO / "launch" / "gpu_wheels.sh").read_text()
+    lists = {
+        name: set(re.search(rf'^{name}="([^"]*)"', script, re.MULTILINE).group(1).split())
+        for name in ("IMAGE_HAS", "LEFT_OUT", "BROUGHT")
+    }
+    pinned = {Requirement(r).name for r in pyproject()["project"]["dependencies"]}
+    placed = [name for names in lists.values() for name in names]
+    assert sorted(placed) == sorted(pinned)
 
 
 def test_python_version_agrees():
