@@ -22,6 +22,14 @@ Per rank, with N parameters (every expert counted), W ranks, p bytes per value (
 - the runtime already resident before building (CUDA context, or the process on CPU),
   measured by the caller.
 
+Expert parallelism (``engine.expert_parallel`` = E_p, ZeRO-1/2 only) splits the routed experts'
+``N_x`` parameters over E_p ranks: a rank holds the dense ``N - N_x`` and ``N_x / E_p`` expert
+weights, and the expert part's gradients and optimizer state are partitioned over the
+``W / E_p`` ranks that hold the same experts (their ZeRO data-parallel group), so those stay
+``N_x / W`` per rank while the weights shrink by E_p. Activations are counted as without EP:
+with balanced routing a rank's experts see as many token assignments as all experts would
+(the all-to-all's receive buffers are among the temporaries left out).
+
 Activations per token, per layer, as the autograd graph keeps them (D hidden, H query and G
 key/value heads of K dims, F MLP width): each RMSNorm keeps its fp32 input and its output
 (``4D + pD``, twice); attention keeps three copies each of q and k (as projected, their
@@ -100,6 +108,17 @@ def _block_parameters(args: Any) -> int:
     return (args.num_parameters(include_embeddings=False) - args.hidden_size) // args.num_layers
 
 
+def expert_parameters(args: Any) -> int:
+    """Parameters of the routed experts, every layer's; 0 for a dense model."""
+    count = getattr(args, "num_expert_parameters", None)
+    return count() if count else 0
+
+
+def expert_parallel_size(config: PretrainConfig) -> int:
+    """``engine.expert_parallel`` (1 until the engine has that setting)."""
+    return int(getattr(config.engine, "expert_parallel", 1))
+
+
 def _bucket_values(
     ds_config: dict[str, Any], zero_stage: int, parameters: int, on_gpu: bool
 ) -> int:
@@ -118,28 +137,34 @@ def model_state_bytes(
     world_size: int,
     ds_config: dict[str, Any],
     on_gpu: bool,
+    expert_parallel: int = 1,
 ) -> dict[str, int]:
     """Weights, gradients, optimizer state and DeepSpeed's buffers on one rank (bytes)."""
     n = args.num_parameters()
     p = bytes_per_value(precision)
     w = world_size
+    experts = expert_parameters(args) if expert_parallel > 1 else 0
+    held = n - experts + experts // expert_parallel  # the weights this rank holds
+    # Dense parameters are partitioned over all W ranks, this rank's experts over the
+    # W / E_p ranks that hold the same experts.
+    partition = (n - experts) // w + experts // expert_parallel // max(w // expert_parallel, 1)
     parts = {
-        "weights": p * n // (w if zero_stage == 3 else 1),
+        "weights": p * n // w if zero_stage == 3 else p * held,
         # ZeRO-1 may hold more than its partition while reducing; the floor counts the partition.
-        "gradients": p * n // w,
-        "optimizer": (MASTER_BYTES + MOMENT_BYTES) * n // w,
+        "gradients": p * partition,
+        "optimizer": (MASTER_BYTES + MOMENT_BYTES) * partition,
     }
     if p != 4:
         # The fp32 copy of the gradient partition the step reads: all of it at once for
         # ZeRO-1/2, one sub-group at a time for ZeRO-3.
-        step_values = n // w
+        step_values = partition
         if zero_stage == 3:
             sub_group = int(
                 float(ds_config.get("zero_optimization", {}).get("sub_group_size", 1e9))
             )
             step_values = min(sub_group, step_values)
         parts["optimizer_step"] = 4 * step_values
-    buffers = p * _bucket_values(ds_config, zero_stage, n, on_gpu)
+    buffers = p * _bucket_values(ds_config, zero_stage, held, on_gpu)
     if zero_stage == 3:
         largest_module = max(_block_parameters(args), args.vocab_size * args.hidden_size)
         buffers += p * largest_module
@@ -212,7 +237,9 @@ def estimate_memory(
         if activation_checkpointing is None
         else activation_checkpointing
     )
-    parts = model_state_bytes(args, precision, stage, world_size, ds_config, on_gpu)
+    parts = model_state_bytes(
+        args, precision, stage, world_size, ds_config, on_gpu, expert_parallel_size(config)
+    )
     parts["activations"] = activation_bytes(
         args,
         precision,
@@ -254,10 +281,13 @@ def memory_fixes(
         {"zero_stage": 3, "activation_checkpointing": True},
         {"zero_stage": 3, "activation_checkpointing": True, "micro_batch_size": 1},
     ]
+    expert_parallel = expert_parallel_size(config)
     fitting = []
     for change in candidates:
         if all(current[key] == value for key, value in change.items()):
             continue
+        if expert_parallel > 1 and change.get("zero_stage") == 3:
+            continue  # expert parallelism composes with ZeRO-1 and 2 only
         if any(fits <= change.items() for fits in fitting):
             continue  # a smaller change already fits
         estimate = estimate_memory(
@@ -273,6 +303,19 @@ def memory_fixes(
             for items in fitting
         ]
         return "estimated to fit with " + "; or ".join(options)
+    if expert_parallel > 1:
+        # The dense weights stay whole on every rank at ZeRO-1/2: more ranks cannot fix them.
+        experts = config.model.build_args().num_experts
+        raise_it = (
+            f"raise engine.expert_parallel (up to {experts} experts), or "
+            if expert_parallel < experts
+            else ""
+        )
+        return (
+            f"with engine.expert_parallel={expert_parallel} (ZeRO-1/2) no change of micro-batch "
+            f"or activation checkpointing fits: {raise_it}set engine.expert_parallel=1 and "
+            "engine.zero_stage=3, or use GPUs with more memory"
+        )
     ranks = ranks_needed(config, precision, ds_config, on_gpu, runtime_bytes, capacity_bytes)
     if ranks is None:
         fixed = estimate_memory(
@@ -338,11 +381,14 @@ def host_build_bytes(config: PretrainConfig, precision: str) -> int:
     copy) before moving it to the GPU, so every rank of a node holds all of it at once.
     ZeRO-3: the model is built straight into GPU partitions (``training.partitioned``); the
     host holds only the one parameter being drawn in fp32 (rank 0), the largest at most.
+    With expert parallelism a rank builds only its own experts.
     """
     args = config.model.build_args()
     if config.engine.zero_stage == 3:
         with torch.device("meta"):  # shapes only: nothing is allocated
             model = config.model.model_family.model_type(args)
         return 4 * max(parameter.numel() for parameter in model.parameters())
-    n = args.num_parameters()
+    ep = expert_parallel_size(config)
+    experts = expert_parameters(args) if ep > 1 else 0
+    n = args.num_parameters() - experts + experts // ep
     return 4 * n + (2 * n if precision == "bf16" else 0)

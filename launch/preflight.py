@@ -6,7 +6,9 @@ the worst-case micro-batch forward, backward and through the optimizer step a fe
 (launch/preflight_measure.py), and reports peak memory against capacity, step time, tokens/s,
 the projected time and GPU-hours to finish (launch/preflight_projection.py), the checkpoint size
 against free disk (launch/preflight_disk.py), and where every parameter and optimizer state
-lives (the table: launch/preflight_report.py). Exit code 0 means GO, 3 NO-GO (under
+lives (the table: launch/preflight_report.py). With ``--estimate-only`` it judges the config for
+a declared cluster instead, building and measuring nothing (launch/preflight_estimate.py).
+Exit code 0 means GO, 3 NO-GO (under
 ``torchrun``, torchrun's own non-zero code); each reason is one line naming the fix
 (launch/preflight_verdict.py turns memory and the measurement into reasons).
 docs/preflight.md says how to read it.
@@ -28,6 +30,7 @@ from typing import Any
 from common.command import add_config_arguments
 from common.errors import KinoeError
 from common.run import Stage, StageContext, load_stage_config, run_stage
+from launch.memory_estimate import expert_parallel_size
 from launch.preflight_disk import checkpoint_disk
 from launch.preflight_projection import projected_time, throughput
 from launch.preflight_report import count, format_table
@@ -49,6 +52,10 @@ class Options:
     gpus_per_node: int | None = None
     steps: int = 3
     warmup: int = 1
+    estimate_only: bool = False
+    host_memory_gb: float | None = None
+    tokens_per_gpu_s: float | None = None
+    disk_free_gb: float | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,16 +78,69 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--warmup", type=int, default=1, help="unmeasured steps before them (default 1)"
     )
+    parser.add_argument(
+        "--estimate-only",
+        action="store_true",
+        help="judge the config for the declared cluster (--nodes, --gpus-per-node, --memory-gb) "
+        "without building, measuring or reading shards; no GPU needed",
+    )
+    parser.add_argument(
+        "--host-memory-gb",
+        type=float,
+        help="with --estimate-only: host memory per node, GiB, to check building the model",
+    )
+    parser.add_argument(
+        "--tokens-per-gpu-s",
+        type=float,
+        help="with --estimate-only: tokens/s per GPU measured for this model, for tokens/day "
+        "and the time to finish",
+    )
+    parser.add_argument(
+        "--disk-free-gb",
+        type=float,
+        help="with --estimate-only: free space where the checkpoints go, GiB (default: measured "
+        "at checkpoint.directory from here)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
-    for name in ("memory_gb", "nodes", "gpus_per_node"):
+    for name in (
+        "memory_gb",
+        "nodes",
+        "gpus_per_node",
+        "host_memory_gb",
+        "tokens_per_gpu_s",
+        "disk_free_gb",
+    ):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise KinoeError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.steps < 1 or args.warmup < 0:
         raise KinoeError("--steps must be at least 1 and --warmup at least 0")
-    options = Options(args.memory_gb, args.nodes, args.gpus_per_node, args.steps, args.warmup)
+    declared = ("nodes", "gpus_per_node", "memory_gb")
+    if args.estimate_only and any(getattr(args, name) is None for name in declared):
+        raise KinoeError(
+            "--estimate-only judges a declared cluster: give --nodes, --gpus-per-node and "
+            "--memory-gb (GPU memory, GiB)"
+        )
+    if not args.estimate_only and (
+        args.host_memory_gb or args.tokens_per_gpu_s or args.disk_free_gb
+    ):
+        raise KinoeError(
+            "--host-memory-gb, --tokens-per-gpu-s and --disk-free-gb go with --estimate-only; a "
+            "measured preflight reads them from the machine"
+        )
+    options = Options(
+        args.memory_gb,
+        args.nodes,
+        args.gpus_per_node,
+        args.steps,
+        args.warmup,
+        args.estimate_only,
+        args.host_memory_gb,
+        args.tokens_per_gpu_s,
+        args.disk_free_gb,
+    )
     config = load_stage_config(PretrainConfig, args.config, args.overrides)
     # A preflight measures this machine now, so a rerun measures again (and replaces the report)
     # rather than skipping as a stage with the same config and inputs would.
@@ -95,6 +155,9 @@ def main(args: argparse.Namespace) -> int:
 
 def make_stage(options: Options) -> Stage[PretrainConfig]:
     """The ``preflight`` stage: the pretrain config and inputs, run in ``<run.root>/preflight/<run.name>``."""
+    if options.estimate_only:
+        # Planning comes before the data: an estimate reads no tokenizer and no shards.
+        return Stage("preflight", PretrainConfig, partial(preflight, options=options))
     return Stage(
         "preflight",
         PretrainConfig,
@@ -105,6 +168,19 @@ def make_stage(options: Options) -> Stage[PretrainConfig]:
 
 def preflight(context: StageContext[PretrainConfig], options: Options) -> dict[str, Any]:
     """The stage body: check, measure, decide; rank 0 writes report.json and report.txt."""
+    if options.estimate_only:
+        from launch.preflight_estimate import Cluster, judge
+
+        cluster = Cluster(
+            options.nodes,
+            options.gpus_per_node,
+            options.memory_gb,
+            options.host_memory_gb,
+            options.tokens_per_gpu_s,
+            options.disk_free_gb,
+        )
+        return _write_report(context, judge(context, cluster))
+
     import torch.distributed as dist
 
     from training.world import init_distributed
@@ -120,12 +196,21 @@ def preflight(context: StageContext[PretrainConfig], options: Options) -> dict[s
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if world.is_main:
-        (context.run_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        (context.run_dir / TABLE_NAME).write_text(format_table(report), encoding="utf-8")
-        context.logger.info("preflight: %s", report["verdict"])
-        for reason in report["reasons"]:
-            context.logger.info("NO-GO: %s", reason)
+    if not world.is_main:
+        return _summary(report)
+    return _write_report(context, report)
+
+
+def _write_report(context: StageContext[PretrainConfig], report: dict[str, Any]) -> dict[str, Any]:
+    (context.run_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    (context.run_dir / TABLE_NAME).write_text(format_table(report), encoding="utf-8")
+    context.logger.info("preflight: %s", report["verdict"])
+    for reason in report["reasons"]:
+        context.logger.info("NO-GO: %s", reason)
+    return _summary(report)
+
+
+def _summary(report: dict[str, Any]) -> dict[str, Any]:
     return {
         "verdict": report["verdict"],
         "reasons": report["reasons"],
@@ -245,6 +330,7 @@ def check(context: StageContext[PretrainConfig], world, options: Options) -> dic
             "device_name": device_name(world.device),
             "precision": dtype,
             "zero_stage": config.engine.zero_stage,
+            "expert_parallel": expert_parallel_size(config),
             "planned": planned,
         },
         "batch": {

@@ -27,20 +27,28 @@ def retained_checkpoints(checkpoint: CheckpointConfig, steps: int) -> int:
     return min(checkpoint.keep_last + 1 + len(kept_for_good), len(saved))
 
 
-def checkpoint_disk(config: PretrainConfig, args, dtype: str, verdict: Verdict) -> dict[str, Any]:
-    """The report's checkpoint section: size, how many at once, free space; NO-GO when short."""
+def checkpoint_disk(
+    config: PretrainConfig, args, dtype: str, verdict: Verdict, declared_free: int | None = None
+) -> dict[str, Any]:
+    """The report's checkpoint section: size, how many at once, free space; NO-GO when short.
+
+    ``declared_free`` (bytes) replaces the free space measured here, for a cluster planned elsewhere.
+    """
     directory = config.checkpoint_dir(run_directory("pretrain", config)).resolve()
     size = checkpoint_bytes(args, dtype)
     retained = retained_checkpoints(config.checkpoint, config.train.steps)
     existing = _tree_bytes(directory)  # a resumed run's checkpoints count towards those kept
     needed = max(retained * size - existing, 0)
-    measured_at = directory
-    while not measured_at.exists():
-        measured_at = measured_at.parent
-    free = shutil.disk_usage(measured_at).free
+    if declared_free is None:
+        measured_at = directory
+        while not measured_at.exists():
+            measured_at = measured_at.parent
+        free, where = shutil.disk_usage(measured_at).free, str(measured_at)
+    else:
+        free, where = declared_free, "--disk-free-gb"
     if free < needed:
         verdict.reasons.append(
-            f"disk: {gib(free)} free at {measured_at}, but up to {retained} checkpoints of "
+            f"disk: {gib(free)} free at {where}, but up to {retained} checkpoints of "
             f"{gib(size)} need {gib(needed)} more; free space there, lower "
             f"checkpoint.keep_last (now {config.checkpoint.keep_last}), or set "
             "checkpoint.directory on a larger filesystem"
@@ -52,7 +60,7 @@ def checkpoint_disk(config: PretrainConfig, args, dtype: str, verdict: Verdict) 
         "existing_bytes": existing,
         "needed_bytes": needed,
         "free_bytes": free,
-        "measured_at": str(measured_at),
+        "measured_at": where,
     }
 
 

@@ -1,6 +1,6 @@
-"""Speed and time to finish for ``kinoe preflight``: step time from the measured micro-batches,
-tokens/s and MFU, and the time and GPU-hours of the steps the pretrain run has left on the
-planned number of ranks."""
+"""Speed and time to finish for ``kinoe preflight``: step time from the measured micro-batches
+(or, estimate only, from a declared per-GPU rate), tokens/s, tokens/day and MFU, and the time
+and GPU-hours of the steps the pretrain run has left on the planned number of ranks."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Any
 
 from common.errors import KinoeError
 from common.run import run_directory
+
+SECONDS_PER_DAY = 86_400
 
 
 def throughput(config, args, measurement, accumulation, planned, device) -> dict[str, Any]:
@@ -22,6 +24,7 @@ def throughput(config, args, measurement, accumulation, planned, device) -> dict
         "tokens_per_step": config.train.global_batch_size * config.data.seq_len,
         "tokens_per_second": None,
         "tokens_per_second_per_gpu": None,
+        "tokens_per_day": None,
         "mfu": None,
         "loss": None,
     }
@@ -43,7 +46,38 @@ def throughput(config, args, measurement, accumulation, planned, device) -> dict
         step_seconds=step,
         tokens_per_second=per_second,
         tokens_per_second_per_gpu=per_gpu,
+        tokens_per_day=per_second * SECONDS_PER_DAY,
         mfu=args.flops_per_token(config.data.seq_len) * per_gpu / peak if peak else None,
+    )
+    return speed
+
+
+def declared_throughput(config, args, tokens_per_gpu_s: float | None, ranks: int) -> dict[str, Any]:
+    """The speed section from a per-GPU rate measured elsewhere (tokens/s), on ``ranks`` GPUs.
+
+    MFU needs ``monitor.peak_flops_per_gpu``: there is no device here to name the GPU.
+    """
+    tokens_per_step = config.train.global_batch_size * config.data.seq_len
+    speed: dict[str, Any] = {
+        "micro_batch_seconds": None,
+        "final_micro_batch_seconds": None,
+        "step_seconds": None,
+        "tokens_per_step": tokens_per_step,
+        "tokens_per_second": None,
+        "tokens_per_second_per_gpu": tokens_per_gpu_s,
+        "tokens_per_day": None,
+        "mfu": None,
+        "loss": None,
+    }
+    if tokens_per_gpu_s is None:
+        return speed
+    per_second = tokens_per_gpu_s * ranks
+    peak = config.monitor.peak_flops_per_gpu
+    speed.update(
+        step_seconds=tokens_per_step / per_second,
+        tokens_per_second=per_second,
+        tokens_per_day=per_second * SECONDS_PER_DAY,
+        mfu=args.flops_per_token(config.data.seq_len) * tokens_per_gpu_s / peak if peak else None,
     )
     return speed
 

@@ -34,6 +34,10 @@ def format_table(report: dict[str, Any]) -> str:
     memory, speed, projection = report["memory"], report["speed"], report["projection"]
     checkpoint, placement, planned = report["checkpoint"], report["placement"], world["planned"]
     worst = batch["worst_case"]
+    estimate_only = report.get("mode") == "estimate-only"
+    parallel = f"ZeRO-{world['zero_stage']}"
+    if world.get("expert_parallel", 1) > 1:
+        parallel += f", experts over {world['expert_parallel']} ranks"
     rows = [
         (
             "model",
@@ -41,9 +45,8 @@ def format_table(report: dict[str, Any]) -> str:
             f"attention {model['attention']}",
         ),
         (
-            "measured on",
-            f"{world['ranks']} x {world['device_name']}, {world['precision']}, "
-            f"ZeRO-{world['zero_stage']}",
+            "declared" if estimate_only else "measured on",
+            f"{world['ranks']} x {world['device_name']}, {world['precision']}, {parallel}",
         ),
         (
             "planned",
@@ -51,12 +54,15 @@ def format_table(report: dict[str, Any]) -> str:
             f"{count(planned['ranks'], 'rank')}, "
             f"{batch['accumulation_planned'] or '?'} micro-batches per step",
         ),
-        (
-            "worst-case batch",
-            f"{worst['batch']}; longest documents in phase {worst['phase']} "
-            f"({worst['longest_document_tokens']:,} tokens)",
-        ),
     ]
+    if worst:
+        rows.append(
+            (
+                "worst-case batch",
+                f"{worst['batch']}; longest documents in phase {worst['phase']} "
+                f"({worst['longest_document_tokens']:,} tokens)",
+            )
+        )
     estimate = memory["estimate"]
     parts = ", ".join(f"{k} {v / GiB:,.2f}" for k, v in estimate["parts_bytes"].items())
     rows.append(("memory estimate", f"at least {gib(estimate['total_bytes'])} ({parts} GiB)"))
@@ -69,23 +75,42 @@ def format_table(report: dict[str, Any]) -> str:
             f"peak {gib(memory['peak_bytes'])} of {capacity}: {share:.0%} "
             f"(GO at most {memory['limit_share']:.0%})"
         )
+    elif estimate_only:
+        share = estimate["total_bytes"] / memory["capacity_bytes"]
+        measured = (
+            f"not built: the estimate is {share:.0%} of {capacity} "
+            f"(GO from the estimate at most {memory['limit_share']:.0%})"
+        )
     else:
         measured = f"not built; capacity {capacity}"
     rows.append(("memory measured", measured))
-    if speed["step_seconds"] is not None:
-        final = f"{speed['final_micro_batch_seconds']:.4f} s"
-        split = (
-            f"{batch['accumulation_planned'] - 1} x {speed['micro_batch_seconds']:.4f} s + {final}"
-            if speed["micro_batch_seconds"] is not None
-            else f"one micro-batch {final}"
+    if memory.get("host_build_bytes") is not None:
+        available = memory.get("host_available_bytes")
+        rows.append(
+            (
+                "host memory",
+                f"{gib(memory['host_build_bytes'])} per node to build the model"
+                + (f", {gib(available)} available" if available is not None else ""),
+            )
         )
+    if speed["step_seconds"] is not None:
+        if speed["final_micro_batch_seconds"] is None:
+            split = f"from {speed['tokens_per_second_per_gpu']:,.0f} tokens/s per GPU, declared"
+        elif speed["micro_batch_seconds"] is not None:
+            split = (
+                f"{batch['accumulation_planned'] - 1} x {speed['micro_batch_seconds']:.4f} s + "
+                f"{speed['final_micro_batch_seconds']:.4f} s"
+            )
+        else:
+            split = f"one micro-batch {speed['final_micro_batch_seconds']:.4f} s"
         rows.append(("step time", f"{_duration(speed['step_seconds'])} ({split})"))
         mfu = f", MFU {speed['mfu']:.1%}" if speed["mfu"] is not None else ""
         rows.append(
             (
                 "throughput",
                 f"{speed['tokens_per_second']:,.0f} tokens/s, "
-                f"{speed['tokens_per_second_per_gpu']:,.0f} per GPU{mfu}",
+                f"{speed['tokens_per_second_per_gpu']:,.0f} per GPU{mfu}; "
+                f"{speed['tokens_per_day'] / 1e9:,.2f}B tokens/day",
             )
         )
     if projection["seconds"] is not None:

@@ -263,6 +263,44 @@ def test_cluster_dry_run_submits_each_step_through_its_script(monkeypatch, capsy
     assert "(no earlier step here makes it)" in captured.err
 
 
+@pytest.mark.parametrize(
+    ("pipeline", "recipe", "nodes"),
+    [("cluster_mistral_7b", "mistral_7b_ja", 4), ("cluster_mixtral_8x7b", "mixtral_8x7b_ja", 8)],
+)
+def test_recipe_pipelines_dry_run_show_their_slurm_jobs(
+    pipeline, recipe, nodes, monkeypatch, capsys
+):
+    """The 7B and 8x7B recipes' pipelines plan every job, pretraining on the recipe's nodes.
+
+    The Mixtral recipe sets engine.expert_parallel: its config loads once the engine has it.
+    """
+    monkeypatch.chdir(REPO)
+    here = [
+        f'steps.{i}.overrides=["run.root=${{runs}}", "report.references={{}}"]'
+        for i in (1, 2, 3, 4)
+    ]
+    config = f"configs/pipeline/{pipeline}.yaml"
+    assert kinoe(["pipeline", "-c", config, *here, "--dry-run"]) == 0
+    output = capsys.readouterr().out
+    plan = plan_lines(output)
+    assert list(plan) == [
+        "data",
+        "tokenizer-train",
+        "tokenizer-export",
+        "tokenizer-report",
+        "tokenizer-encode",
+        "pretrain",
+        "convert",
+        "eval",
+    ]
+    assert plan["pretrain"].startswith(f"submit train.sbatch ({nodes} node(s), GPUs per node 8")
+    assert plan["pretrain"].endswith("needs tokenizer-train, tokenizer-encode)")
+    assert plan["convert"].endswith("after pretrain; needs tokenizer-export, pretrain)")
+    assert plan["eval"].startswith("submit eval.sbatch (1 node(s), GPUs per node 1")
+    assert f"$ kinoe pretrain -c configs/pretrain/{recipe}.yaml" in output
+    assert f"model=/shared/kinoe/runs/convert/{recipe}/to-hf" in output
+
+
 # ---------------------------------------------------------------- local mode
 
 

@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from common.manifest import read_manifest
+from launch.cli import main as kinoe
 from launch.memory_estimate import (
     GiB,
     activation_bytes,
@@ -205,6 +206,83 @@ def test_no_go_when_the_measured_peak_exceeds_memory(go_run, shards, tmp_path):
     [reason] = report["reasons"]
     assert reason.startswith("memory: peak") and "train.micro_batch_size" in reason
     assert "engine.activation_checkpointing=true" in reason
+
+
+def estimate_only(recipe: str, root: Path, *options: str) -> tuple[int, dict, str]:
+    """``kinoe preflight --estimate-only`` on a shipped recipe: exit code, report.json, table."""
+    config = REPO / "configs" / "pretrain" / f"{recipe}.yaml"
+    code = kinoe(["preflight", "-c", str(config), f"run.root={root}", "--estimate-only", *options])
+    run_dir = root / "preflight" / recipe
+    report = json.loads((run_dir / "report.json").read_text())
+    return code, report, (run_dir / "report.txt").read_text()
+
+
+# The recipes' clusters: H100 80 GB (79 GiB usable), nodes of 2 TB, a shared filesystem of 20 TB.
+CLUSTER = ("--gpus-per-node", "8", "--memory-gb", "79", "--host-memory-gb", "1800")
+DISK = ("--disk-free-gb", "20000")
+
+
+@pytest.mark.parametrize(
+    ("recipe", "nodes", "rate"), [("mistral_7b_ja", 4, 9000), ("mixtral_8x7b_ja", 8, 4500)]
+)
+def test_estimate_only_judges_a_recipe_for_its_declared_cluster(recipe, nodes, rate, tmp_path):
+    """GO on the recipe's cluster, with tokens/day from the declared rate; NO-GO naming the
+    reason on GPUs too small and nodes too small, all without a GPU or the recipe's shards.
+
+    The Mixtral recipe sets engine.expert_parallel: it loads once the engine has that setting.
+    """
+    shape = ("--nodes", str(nodes), *CLUSTER)
+    code, report, table = estimate_only(
+        recipe, tmp_path, *shape, *DISK, "--tokens-per-gpu-s", str(rate)
+    )
+    assert code == 0, report["reasons"]
+    assert report["mode"] == "estimate-only" and report["verdict"] == "GO"
+    assert report["world"]["ranks"] == nodes * 8 and report["world"]["precision"] == "bf16"
+    memory, parts = report["memory"], report["memory"]["estimate"]["parts_bytes"]
+    assert not memory["built"] and memory["capacity_bytes"] == 79 * GiB
+    assert memory["estimate"]["total_bytes"] <= 0.70 * memory["capacity_bytes"]
+    n = report["model"]["parameters"]
+    if recipe.startswith("mixtral"):
+        # Expert weights are split over the 8 ranks of a node; gradients and optimizer state of
+        # each expert over the 8 ranks that hold it, so over all 64 ranks like the dense part.
+        assert report["world"]["expert_parallel"] == 8
+        experts = 32 * 8 * 3 * 4096 * 14336
+        assert parts["weights"] == 2 * (n - experts + experts // 8)
+        assert parts["optimizer"] == 12 * ((n - experts) // 64 + experts // 8 // 8)
+    else:
+        assert parts["weights"] == 2 * n and parts["optimizer"] == 12 * (n // 32)
+    assert memory["host_build_bytes"] < 1800 * GiB
+    speed, projection = report["speed"], report["projection"]
+    assert speed["tokens_per_day"] == pytest.approx(rate * nodes * 8 * 86_400)
+    assert speed["step_seconds"] == pytest.approx(1024 * 4096 / (rate * nodes * 8))
+    assert projection["seconds"] == pytest.approx(36_000 * speed["step_seconds"])
+    assert 0.3 < speed["mfu"] < 0.6
+    assert (
+        report["checkpoint"]["bytes"] == 14 * n
+        and report["checkpoint"]["measured_at"] == "--disk-free-gb"
+    )
+    assert "tokens/day" in table and table.rstrip().endswith("GO")
+
+    # GPUs of 24 GiB: the floor does not fit; the reason says how much and what would.
+    code, report, table = estimate_only(
+        recipe, tmp_path, "--nodes", str(nodes), "--gpus-per-node", "8", "--memory-gb", "24", *DISK
+    )
+    assert code == 3 and report["verdict"] == "NO-GO"
+    [reason] = report["reasons"]
+    assert reason.startswith("memory: at least") and "of 24.00 GiB (--memory-gb" in reason
+    assert (
+        "engine.expert_parallel=1 and engine.zero_stage=3"
+        if recipe.startswith("mixtral")
+        else "engine.zero_stage=3"
+    ) in reason
+    assert "  - memory:" in table
+
+    # Nodes of 128 GiB cannot build the model on the host; too little disk for the checkpoints.
+    code, report, _ = estimate_only(
+        recipe, tmp_path, *shape[:-2], "--host-memory-gb", "128", "--disk-free-gb", "100"
+    )
+    assert code == 3
+    assert [reason.split(":")[0] for reason in report["reasons"]] == ["host memory", "disk"]
 
 
 def tiny_config(tmp_path: Path, **sections) -> PretrainConfig:

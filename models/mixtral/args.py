@@ -63,6 +63,10 @@ class MixtralArgs(MistralArgs):
         """Parameters one token uses: the router and its ``top_k`` experts in each layer."""
         return self._with_experts(super().num_parameters(include_embeddings), self.top_k)
 
+    def num_expert_parameters(self) -> int:
+        """Parameters of the routed experts of every layer (what expert parallelism splits)."""
+        return self.num_layers * self.num_experts * 3 * self.hidden_size * self.intermediate_size
+
     def flops_per_token(self, seq_len: int) -> float:
         """Mistral's count (``6 N + 12 L H K T``) over active parameters only.
 
