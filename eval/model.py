@@ -91,14 +91,13 @@ def load_model(config: EvalConfig, logger: logging.Logger) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=getattr(torch, config.dtype), device_map=device_map
         )
-    except (OSError, ValueError, TypeError, StrictDataclassError) as error:
-        # A wrongly typed config.json field is a StrictDataclassError over several lines.
-        first = " ".join(str(error).split())[:200] or type(error).__name__
-        raise KinoeError(f"cannot load {path} as a causal LM with its tokenizer: {first}") from None
     except StrictDataclassError as error:
         # transformers checks config.json's field types and raises a multi-line error of its own.
         last = str(error).strip().splitlines()[-1].strip()
         raise KinoeError(f"{path / 'config.json'}: {last}; fix that field") from None
+    except (OSError, ValueError, TypeError) as error:
+        first = " ".join(str(error).split())[:200] or type(error).__name__
+        raise KinoeError(f"cannot load {path} as a causal LM with its tokenizer: {first}") from None
     model.eval()
     placement = check_placement(model, config.device, config.allow_offload, logger)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)

@@ -270,10 +270,7 @@ def test_cluster_dry_run_submits_each_step_through_its_script(monkeypatch, capsy
 def test_recipe_pipelines_dry_run_show_their_slurm_jobs(
     pipeline, recipe, nodes, monkeypatch, capsys
 ):
-    """The 7B and 8x7B recipes' pipelines plan every job, pretraining on the recipe's nodes.
-
-    The Mixtral recipe sets engine.expert_parallel: its config loads once the engine has it.
-    """
+    """The 7B and 8x7B recipes' pipelines plan every job, pretraining on the recipe's nodes."""
     monkeypatch.chdir(REPO)
     here = [
         f'steps.{i}.overrides=["run.root=${{runs}}", "report.references={{}}"]'

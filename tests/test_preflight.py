@@ -228,8 +228,6 @@ DISK = ("--disk-free-gb", "20000")
 def test_estimate_only_judges_a_recipe_for_its_declared_cluster(recipe, nodes, rate, tmp_path):
     """GO on the recipe's cluster, with tokens/day from the declared rate; NO-GO naming the
     reason on GPUs too small and nodes too small, all without a GPU or the recipe's shards.
-
-    The Mixtral recipe sets engine.expert_parallel: it loads once the engine has that setting.
     """
     shape = ("--nodes", str(nodes), *CLUSTER)
     code, report, table = estimate_only(

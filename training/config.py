@@ -71,6 +71,12 @@ class EngineConfig(Config):
     gradient_clipping: float = Field(1.0, ge=0, description="Max global grad norm; 0: off")
     activation_checkpointing: bool = False
     compile: bool = Field(False, description="torch.compile each decoder block")
+    expert_parallel: int = Field(
+        1,
+        ge=1,
+        description="Mixtral: split each MoE layer's experts over this many consecutive ranks "
+        "(all-to-all token exchange; ZeRO 1/2); 1: every rank holds every expert",
+    )
     deepspeed: dict[str, Any] = Field(
         default_factory=dict,
         description="Raw DeepSpeed JSON merged over the generated config (recorded in "
@@ -88,6 +94,16 @@ class EngineConfig(Config):
                     f"{key} is derived by kinoe and cannot be set here; set {setting} instead"
                 )
         return raw
+
+    @model_validator(mode="after")
+    def _expert_parallel_composes(self) -> EngineConfig:
+        if self.expert_parallel > 1 and self.zero_stage == 3:
+            raise ValueError(
+                "engine.expert_parallel composes with ZeRO stages 1 and 2 only (the expert "
+                "shards are stepped beside DeepSpeed, which ZeRO-3's partitioned parameters do "
+                "not allow); set engine.zero_stage to 2 or engine.expert_parallel to 1"
+            )
+        return self
 
 
 class CheckpointConfig(Config):

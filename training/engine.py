@@ -112,6 +112,11 @@ def build_engine(model: nn.Module, config: TrainingConfig, ds_config: dict[str, 
         UNIVERSAL_CHECKPOINT_VERSION_VALUE,
     )
 
+    if config.engine.expert_parallel > 1:
+        raise KinoeError(
+            f"engine.expert_parallel {config.engine.expert_parallel}: the DeepSpeed step of "
+            "expert shards is not in this version; set engine.expert_parallel to 1"
+        )
     if config.engine.zero_stage == 3 and isinstance(model, ExpertModel):
         # ZeRO-3 gathers a module's parameters when its forward starts; an expert that gets no
         # tokens on one rank would never be gathered there and the other ranks would wait for
