@@ -10,9 +10,9 @@
 # - the lent GPU images already ship it (torch above all is never brought: the image's build
 #   matches its driver; the others are close enough to the pins for the GPU stages);
 IMAGE_HAS="torch transformers tokenizers safetensors sentencepiece numpy pyarrow xxhash tqdm matplotlib scipy peft protobuf pyyaml"
-# - not needed there: data preparation and tokenizer encoding run on CPU machines (bring their
+# - not needed there: data preparation (its quality classifier too) and tokenizer encoding run on CPU machines (bring their
 #   outputs), and W&B cannot log without internet;
-LEFT_OUT="datatrove datasets orjson wandb"
+LEFT_OUT="datatrove datasets orjson fasttext-wheel wandb"
 # - brought, at pyproject's version, with the dependencies the image lacks (build below).
 BROUGHT="deepspeed pydantic"
 #
