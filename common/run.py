@@ -88,8 +88,9 @@ class RunConfig(Config):
 class StageConfig(Config):
     """Base of every stage's config: it has a ``run`` section."""
 
-    # Top-level sections that say where or how a stage runs, not what it computes: they stay
-    # out of the fingerprint, so moving a run to SLURM or another run root does not redo it.
+    # Top-level sections (or ``section.key`` settings) that say where or how a stage runs, not
+    # what it computes: they stay out of the fingerprint, so moving a run to SLURM or another
+    # run root does not redo it.
     fingerprint_exclude: ClassVar[frozenset[str]] = frozenset({"run"})
 
     run: RunConfig = Field(default_factory=RunConfig)
@@ -141,13 +142,21 @@ class Stage(Generic[C]):
 
     def fingerprinted(self, config: StageConfig) -> dict[str, Any]:
         """The part of the resolved config that decides this step's output."""
-        data = config.model_dump(mode="json")
-        return {
+        return self.deciding_part(config.model_dump(mode="json"), config.fingerprint_exclude)
+
+    def deciding_part(self, data: dict[str, Any], exclude: frozenset[str]) -> dict[str, Any]:
+        """``data`` (a config as JSON) less ``exclude``: sections, or ``section.key`` names."""
+        kept = {
             key: value
             for key, value in data.items()
-            if key not in config.fingerprint_exclude
+            if key not in exclude
             and (self.fingerprint_sections is None or key in self.fingerprint_sections)
         }
+        for name in exclude:
+            section, _, key = name.partition(".")
+            if key and isinstance(kept.get(section), dict) and key in kept[section]:
+                kept[section] = {k: v for k, v in kept[section].items() if k != key}
+        return kept
 
 
 @dataclass
@@ -212,7 +221,9 @@ def run_stage(
         input_records = _hash_inputs(inputs, previous)
         deciding = stage.fingerprinted(config)
         fingerprint = _fingerprint(deciding, input_records)
-        decision = _judge(stage, run_dir, previous, deciding, input_records)
+        decision = _judge(
+            stage, run_dir, previous, deciding, input_records, config.fingerprint_exclude
+        )
         if decision.action == "refuse" and not force:
             raise KinoeError(decision.reason)
         if decision.action == "skip" and not force:
@@ -296,16 +307,19 @@ def decide(stage: Stage[C], config: C, hash_inputs: bool = True) -> Decision:
     if not hash_inputs:
         if (
             previous is None
-            or {key: value for key, value in previous.config.items() if key in deciding} == deciding
+            or stage.deciding_part(previous.config, config.fingerprint_exclude) == deciding
         ):
             return Decision("run", "no run yet" if previous is None else "same config")
-        message = _mismatch_message(stage.label, run_dir, previous, deciding, previous.inputs)
+        message = _mismatch_message(
+            stage, config.fingerprint_exclude, run_dir, previous, deciding, previous.inputs
+        )
         return Decision("refuse", message)
     try:
         inputs = _resolve_inputs(stage, config)
     except KinoeError as error:
         return Decision("run", str(error), missing_input=True)
-    return _judge(stage, run_dir, previous, deciding, _hash_inputs(inputs, previous))
+    records = _hash_inputs(inputs, previous)
+    return _judge(stage, run_dir, previous, deciding, records, config.fingerprint_exclude)
 
 
 def mark_stale(run_dir: Path, manifest: Manifest | None) -> Manifest | None:
@@ -342,12 +356,13 @@ def _judge(
     previous: Manifest | None,
     deciding: dict[str, Any],
     records: dict[str, TreeRecord],
+    exclude: frozenset[str],
 ) -> Decision:
     """Run, skip (complete for this fingerprint) or refuse (a run of another config or inputs)."""
     if previous is None:
         return Decision("run", "no run yet")
     if previous.fingerprint != _fingerprint(deciding, records):
-        message = _mismatch_message(stage.label, run_dir, previous, deciding, records)
+        message = _mismatch_message(stage, exclude, run_dir, previous, deciding, records)
         return Decision("refuse", message)
     if previous.status == "complete":
         return Decision("skip", "complete")
@@ -428,13 +443,14 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _mismatch_message(
-    stage: str,
+    stage: Stage,
+    exclude: frozenset[str],
     run_dir: Path,
     previous: Manifest,
     deciding: dict[str, Any],
     inputs: dict[str, TreeRecord],
 ) -> str:
-    before = _flatten({k: v for k, v in previous.config.items() if k in deciding})
+    before = _flatten(stage.deciding_part(previous.config, exclude))
     after = _flatten(deciding)
     changed = sorted(
         key for key in before.keys() | after.keys() if before.get(key) != after.get(key)
@@ -448,7 +464,7 @@ def _mismatch_message(
     )
     shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
     return (
-        f"{stage}: {run_dir} holds a {previous.status} run made with a different config or inputs "
+        f"{stage.label}: {run_dir} holds a {previous.status} run made with a different config or inputs "
         f"(changed: {shown or 'unknown'}); pass --force to redo it there, or set run.name=<new name>"
     )
 

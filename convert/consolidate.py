@@ -18,6 +18,10 @@ function first concatenates every rank's partition into one full fp32 copy of th
 ``_zero2_tensors`` follows the same layout rules (the same offsets, alignment paddings and
 consistency check) but slices each parameter out of the memory-mapped partitions on its own;
 a test checks it tensor for tensor against DeepSpeed's result.
+
+A checkpoint of expert parallelism holds the experts apart, in ``experts/`` (each rank's part
+of its experts' fp32 masters, training/expert_optimizer.py): each expert parameter is read
+from there, stacked over the experts as a run without expert parallelism saves it.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from convert.sources import Source, TensorRef
 from training import safe_load
 from training.checkpoint import LATEST, STATE_FILE, TrainerState, tag_for
 from training.digests import damage
+from training.expert_optimizer import EXPERTS_DIR, ExpertCheckpoint
 
 CONFIG_FILE = "config.yaml"
 _TAG = re.compile(r"^step_(\d{8})$")
@@ -161,7 +166,24 @@ def deepspeed_tensors(tag_dir: Path, state: TrainerState) -> dict[str, TensorRef
                 tuple(value.shape), torch.float32, lambda value=value: _materialise(value)
             )
         tensors[name] = refs[id(value)]
+    if (tag_dir / EXPERTS_DIR).is_dir():
+        tensors.update(_expert_tensors(tag_dir))
     return tensors
+
+
+def _expert_tensors(tag_dir: Path) -> dict[str, TensorRef]:
+    """Expert parallelism's experts, saved apart from DeepSpeed's state: each parameter stacked
+    over all experts, as without expert parallelism, read from the parts when asked for."""
+    parts = ExpertCheckpoint(tag_dir, _fix(tag_dir))
+    E = parts.layout.num_experts
+
+    def stacked(name: str) -> torch.Tensor:
+        return torch.stack([parts.expert(name, expert) for expert in range(E)])
+
+    return {
+        name: TensorRef((E, *shape), torch.float32, lambda name=name: stacked(name))
+        for name, shape in parts.layout.params
+    }
 
 
 def _materialise(value: Any) -> torch.Tensor:

@@ -119,6 +119,12 @@ def _finetune(
 ) -> dict[str, Any]:
     config, logger, run_dir = context.config, context.logger, context.run_dir
     model_config, data_config, train_config = config.training()
+    if config.engine.expert_parallel > 1:
+        # The fine-tuned model is saved from one rank's module, which would hold its experts only.
+        raise KinoeError(
+            f"engine.expert_parallel {config.engine.expert_parallel}: fine-tuning keeps every "
+            "expert on every rank; set engine.expert_parallel to 1"
+        )
     flag = PreemptionFlag()
 
     source = open_model_source(model_config)

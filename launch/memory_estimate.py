@@ -24,9 +24,10 @@ Per rank, with N parameters (every expert counted), W ranks, p bytes per value (
 
 Expert parallelism (``engine.expert_parallel`` = E_p, ZeRO-1/2 only) splits the routed experts'
 ``N_x`` parameters over E_p ranks: a rank holds the dense ``N - N_x`` and ``N_x / E_p`` expert
-weights, and the expert part's gradients and optimizer state are partitioned over the
-``W / E_p`` ranks that hold the same experts (their ZeRO data-parallel group), so those stay
-``N_x / W`` per rank while the weights shrink by E_p. Activations are counted as without EP:
+weights, and the expert part's optimizer state is partitioned over the ``W / E_p`` ranks
+that hold the same experts (training/expert_optimizer.py, ZeRO-1 style), so it stays
+``N_x / W`` per rank while the weights shrink by E_p; the expert gradients are accumulated
+whole (``N_x / E_p`` values in the training dtype) and reduce-scattered at the step. Activations are counted as without EP:
 with balanced routing a rank's experts see as many token assignments as all experts would
 (the all-to-all's receive buffers are among the temporaries left out).
 
@@ -151,7 +152,8 @@ def model_state_bytes(
     parts = {
         "weights": p * n // w if zero_stage == 3 else p * held,
         # ZeRO-1 may hold more than its partition while reducing; the floor counts the partition.
-        "gradients": p * partition,
+        # Expert gradients are accumulated whole, then reduce-scattered over their holders.
+        "gradients": p * (partition + (experts // expert_parallel if experts else 0)),
         "optimizer": (MASTER_BYTES + MOMENT_BYTES) * partition,
     }
     if p != 4:

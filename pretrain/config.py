@@ -73,9 +73,10 @@ class PretrainConfig(StageConfig):
     """``kinoe pretrain``: one run directory holding checkpoints, metrics and the manifest."""
 
     # Where the run writes, how it reports and when it checkpoints do not change the model it
-    # trains, so changing them does not refuse a resume.
+    # trains, so changing them does not refuse a resume; nor does how the experts are spread
+    # over the ranks (like the number of ranks, it changes the order of sums only).
     fingerprint_exclude: ClassVar[frozenset[str]] = frozenset(
-        {"run", "monitor", "checkpoint", "drills"}
+        {"run", "monitor", "checkpoint", "drills", "engine.expert_parallel"}
     )
 
     model: ModelConfig = Field(default_factory=ModelConfig)

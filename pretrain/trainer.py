@@ -115,6 +115,7 @@ def _train(context: StageContext[PretrainConfig], world: World) -> dict[str, Any
     state = TrainerState(
         world_size=world.size,
         zero_stage=config.engine.zero_stage,
+        expert_parallel=config.engine.expert_parallel,
         data_order=order.identity(),
         consumed_tokens_by_source=dict.fromkeys(names, 0),
         samples_by_source=dict.fromkeys(names, 0),
@@ -127,6 +128,7 @@ def _train(context: StageContext[PretrainConfig], world: World) -> dict[str, Any
     if resume_step is not None:
         loaded = checkpointer.load(engine, resume_step, state)
         loaded.world_size, loaded.zero_stage = world.size, config.engine.zero_stage
+        loaded.expert_parallel = config.engine.expert_parallel
         state = loaded
     dist.barrier()
 
@@ -148,7 +150,7 @@ def _train(context: StageContext[PretrainConfig], world: World) -> dict[str, Any
     if world.is_main:
         logger.info(
             "pretrain: %s %s, %s parameters (%s non-embedding), %d ranks x %d micro-batches of "
-            "%d x %d tokens, steps %d..%d, ZeRO-%d, %s",
+            "%d x %d tokens, steps %d..%d, ZeRO-%d%s, %s",
             config.model.family,
             config.model.preset,
             f"{args.num_parameters():,}",
@@ -160,6 +162,9 @@ def _train(context: StageContext[PretrainConfig], world: World) -> dict[str, Any
             state.step + 1,
             config.train.steps,
             config.engine.zero_stage,
+            f", experts over {config.engine.expert_parallel} ranks"
+            if config.engine.expert_parallel > 1
+            else "",
             (ds_config["bf16"]["enabled"] and "bf16") or "fp32",
         )
     loader = build_loader(

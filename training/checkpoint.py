@@ -6,6 +6,8 @@ Layout of the checkpoint directory::
     latest                      the tag of the newest complete checkpoint (DeepSpeed reads it too)
     step_00000100/              DeepSpeed's files for step 100 (one set per rank)
         rng/rank00000.pt        each rank's torch RNG states
+        experts/                with engine.expert_parallel > 1: each rank's part of its experts'
+                                weights and Adam moments (training/expert_optimizer.py)
         trainer_state.json      written last: a tag directory without it is incomplete; it
                                 records the size and SHA-256 of every file above
 
@@ -39,6 +41,7 @@ from common.errors import KinoeError
 from training import safe_load
 from training.config import CheckpointConfig
 from training.digests import FileDigests, agreed_damage, digesting_engine, gather
+from training.expert_optimizer import EXPERTS_DIR
 from training.world import World
 
 LATEST = "latest"
@@ -63,6 +66,8 @@ class TrainerState:
     skipped_steps: int = 0
     world_size: int = 1
     zero_stage: int = 0
+    # engine.expert_parallel of the run that wrote it; > 1: the experts are in experts/.
+    expert_parallel: int = 1
     # What the global sample order was computed from; resuming with another order would
     # repeat or skip samples, so it must match.
     data_order: dict[str, Any] = field(default_factory=dict)
@@ -191,6 +196,21 @@ class Checkpointer:
             return None
         return agreed_damage(target, recorded, self.world.rank, self.world.size, self.world.control)
 
+    def _check_expert_kind(self, engine, target: Path, state: TrainerState) -> None:
+        """Refuse to mix experts saved apart (expert parallelism) with experts in DeepSpeed's state."""
+        sharded = (target / EXPERTS_DIR).is_dir()
+        if sharded and engine.expert_optimizer is None:
+            raise KinoeError(
+                f"{target} was written with engine.expert_parallel {state.expert_parallel} (the "
+                "experts saved apart from DeepSpeed's state); resume with engine.expert_parallel "
+                "> 1 (any divisor of the ranks and of the experts)"
+            )
+        if not sharded and engine.expert_optimizer is not None:
+            raise KinoeError(
+                f"{target} was written without expert parallelism (the experts are in "
+                "DeepSpeed's state); resume with engine.expert_parallel 1"
+            )
+
     def _barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
@@ -227,6 +247,8 @@ class Checkpointer:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         files.save(rng, str(rng_dir / f"rank{self.world.rank:05d}.pt"))
+        if engine.expert_optimizer is not None:
+            engine.expert_optimizer.save(target, files)
         if while_writing is not None:
             while_writing(state.step)
         digests = gather(files.written(target), self.world.control)
@@ -288,6 +310,7 @@ class Checkpointer:
                 f"{self.world.size}; DeepSpeed cannot reshard ZeRO-{state.zero_stage} state "
                 f"directly: {convert}"
             )
+        self._check_expert_kind(engine, target, state)
         digesting_engine(engine)
         try:
             with safe_load.weights_only_loads():
@@ -312,6 +335,12 @@ class Checkpointer:
             ) from None
         if loaded is None:
             raise KinoeError(f"{target}: DeepSpeed found no checkpoint to load there")
+        if engine.expert_optimizer is not None:
+            engine.expert_optimizer.load(
+                target,
+                f"resume from another checkpoint with checkpoint.resume=<step> "
+                f"({self.complete_steps()})",
+            )
         rng_file = target / RNG_DIR / f"rank{self.world.rank:05d}.pt"
         if state.world_size == self.world.size and rng_file.is_file():
             rng = safe_load.load(

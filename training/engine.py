@@ -17,6 +17,8 @@ from torch import nn
 from common.errors import KinoeError
 from models.experts import ExpertModel
 from training.config import CheckpointConfig, EngineConfig, OptimizerConfig
+from training.expert_optimizer import ExpertOptimizer
+from training.expert_parallel import expert_groups, expert_parameters, shard_experts
 from training.world import World
 
 
@@ -84,10 +86,14 @@ def deepspeed_config(config: TrainingConfig, world: World) -> dict[str, Any]:
     return _merge(generated, engine.deepspeed)
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: matrices decay; norms, biases and the token embedding do not."""
+def parameter_groups(
+    model: nn.Module, weight_decay: float, exclude: list[nn.Parameter] = ()
+) -> list[dict[str, Any]]:
+    """AdamW groups: matrices decay; norms, biases and the token embedding do not.
+
+    ``exclude``: parameters another optimizer steps (expert shards)."""
     decay, no_decay = [], []
-    seen: set[int] = set()
+    seen: set[int] = {id(p) for p in exclude}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad or id(parameter) in seen:
             continue
@@ -104,7 +110,10 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 
 
 def build_engine(model: nn.Module, config: TrainingConfig, ds_config: dict[str, Any]):
-    """Wrap ``model`` in a DeepSpeed engine with AdamW over the weight-decay groups."""
+    """Wrap ``model`` in a DeepSpeed engine with AdamW over the weight-decay groups.
+
+    With ``engine.expert_parallel`` > 1 the model's experts are sharded first and the engine
+    gets an ``expert_optimizer`` for them (training/expert_optimizer.py); else it is None."""
     import deepspeed
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
@@ -112,11 +121,11 @@ def build_engine(model: nn.Module, config: TrainingConfig, ds_config: dict[str, 
         UNIVERSAL_CHECKPOINT_VERSION_VALUE,
     )
 
+    groups = None
     if config.engine.expert_parallel > 1:
-        raise KinoeError(
-            f"engine.expert_parallel {config.engine.expert_parallel}: the DeepSpeed step of "
-            "expert shards is not in this version; set engine.expert_parallel to 1"
-        )
+        # Before DeepSpeed wraps the model: its start-up broadcast must see the shards.
+        groups = expert_groups(config.engine.expert_parallel)
+        shard_experts(model, groups)
     if config.engine.zero_stage == 3 and isinstance(model, ExpertModel):
         # ZeRO-3 gathers a module's parameters when its forward starts; an expert that gets no
         # tokens on one rank would never be gathered there and the other ranks would wait for
@@ -125,7 +134,12 @@ def build_engine(model: nn.Module, config: TrainingConfig, ds_config: dict[str, 
 
         set_z3_leaf_modules(model, sorted({type(m) for m in model.moe_modules()}, key=str))
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, config.optimizer.weight_decay),
+        # Expert shards differ per rank: ExpertOptimizer steps them, not DeepSpeed.
+        parameter_groups(
+            model,
+            config.optimizer.weight_decay,
+            exclude=expert_parameters(model) if groups is not None else [],
+        ),
         lr=config.optimizer.lr,
         betas=config.optimizer.betas,
         eps=config.optimizer.eps,
@@ -142,4 +156,10 @@ def build_engine(model: nn.Module, config: TrainingConfig, ds_config: dict[str, 
         {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
     )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    # micro_step and the checkpointer step and save it with the engine (None: no expert shards).
+    engine.expert_optimizer = (
+        None
+        if groups is None
+        else ExpertOptimizer(engine, groups, config.optimizer, config.engine.gradient_clipping)
+    )
     return engine

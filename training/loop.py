@@ -76,13 +76,19 @@ def micro_step(
     callbacks: Callbacks | None = None,
 ) -> torch.Tensor:
     """Forward and backward of one micro-batch on the device, then DeepSpeed's step, which applies
-    the optimizer at the accumulation boundary. The one place the engine's backward and step are
-    called (``kinoe preflight`` measures through it too). Returns the loss, not read back."""
+    the optimizer at the accumulation boundary (and the expert shards' optimizer beside it). The
+    one place the engine's backward and step are called (``kinoe preflight`` measures through it too). Returns the loss, not read back."""
     loss = training_loss(objective, engine, batch, sums)
     engine.backward(loss)
     if callbacks is not None:
         callbacks.on_backward(engine.module)
+    experts = engine.expert_optimizer  # expert shards under expert parallelism, else None
+    boundary = experts is not None and engine.is_gradient_accumulation_boundary()
+    if boundary:
+        experts.reduce_gradients()  # before DeepSpeed's step, whose norm includes them
     engine.step()
+    if boundary:
+        experts.step(engine.was_step_applied())
     return loss
 
 
