@@ -125,7 +125,7 @@ def row_config(task: str, args: argparse.Namespace, paths: dict, root: Path, mod
     }
     if task == "pretrain":
         return common | {
-            "model": {"family": "mistral", "preset": args.preset,
+            "model": {"family": args.family, "preset": args.preset,
                       "overrides": {"attention": args.attention}},
             "data": {
                 "tokenizer": str(paths["tokenizer"]),
@@ -222,10 +222,10 @@ def run_row(task: str, code: Path, args: argparse.Namespace, paths: dict, root: 
 # ---- the driver ----
 
 
-def _flops_per_token(preset: str, length: int) -> float:
+def _flops_per_token(family: str, preset: str, length: int) -> float:
     from models import FAMILIES
 
-    return FAMILIES["mistral"].presets[preset]().flops_per_token(length)
+    return FAMILIES[family].presets[preset]().flops_per_token(length)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         length = args.seq_len if row["task"] == "pretrain" else args.sft_max_length
-        mfu = row["tokens_per_s"] * _flops_per_token(args.preset, length) / PEAK_FLOPS
+        mfu = row["tokens_per_s"] * _flops_per_token(args.family, args.preset, length) / PEAK_FLOPS
         peak = f"{row['peak_gib']:.1f}" if row["peak_gib"] is not None else "-"
         print(
             f"| {row['task']} | {row['code']} | {row['repeat']} | {row['step_s']:.4f} | "
@@ -289,6 +289,7 @@ def main() -> None:
     rows.add_argument("--tasks", default="pretrain,sft")
     rows.add_argument("--repeat", type=int, default=2)
     rows.add_argument("--work", type=Path, default=Path("runs/bench/step_time"))
+    rows.add_argument("--family", default="mistral", help="mixtral: pretraining only")
     rows.add_argument("--preset", default="mistral_1b")
     rows.add_argument("--seq-len", type=int, default=4096)
     rows.add_argument("--sft-max-length", type=int, default=2048)
