@@ -116,7 +116,9 @@ def data_paths(data: Path) -> dict:
 
 def row_config(task: str, args: argparse.Namespace, paths: dict, root: Path, model: Path) -> dict:
     """The config both trees accept (their sections and keys are the same for these)."""
-    engine = {"zero_stage": 2, "precision": args.precision, "compile": args.compile}
+    engine = {"zero_stage": args.zero_stage, "precision": args.precision, "compile": args.compile}
+    if args.expert_parallel > 1:  # only then: trees before the setting accept the config
+        engine["expert_parallel"] = args.expert_parallel
     common = {
         "run": {"root": str(root), "name": "bench"},
         "engine": engine,
@@ -126,7 +128,7 @@ def row_config(task: str, args: argparse.Namespace, paths: dict, root: Path, mod
     if task == "pretrain":
         return common | {
             "model": {"family": args.family, "preset": args.preset,
-                      "overrides": {"attention": args.attention}},
+                      "overrides": {"attention": args.attention, **args.overrides}},
             "data": {
                 "tokenizer": str(paths["tokenizer"]),
                 "sources": {name: str(path) for name, path in paths["sources"].items()},
@@ -172,6 +174,9 @@ def run_row(task: str, code: Path, args: argparse.Namespace, paths: dict, root: 
                                           allow_unicode=True))  # fmt: skip
     total = args.warmup_steps + args.timed_steps
     command = [sys.executable, "-m", "launch.cli"]
+    if args.gpus > 1:  # one process per GPU, as on a node of the cluster
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        command = [*torchrun, f"--nproc_per_node={args.gpus}", "-m", "launch.cli"]
     if task == "pretrain":
         command += ["pretrain", "-c", str(config_path), f"train.steps={total}"]
         metrics = root / "pretrain" / "bench" / "metrics.jsonl"
@@ -182,8 +187,9 @@ def run_row(task: str, code: Path, args: argparse.Namespace, paths: dict, root: 
     # still on sys.path, after them, but the trees name the same packages).
     inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
                  if p and Path(p).resolve() != REPO]  # fmt: skip
+    # NVLink multicast stays off on the lent machines (their notes say why).
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), *inherited]),
-           "PYTHONUNBUFFERED": "1"}  # fmt: skip
+           "PYTHONUNBUFFERED": "1", "NCCL_NVLS_ENABLE": "0"}  # fmt: skip
     arrivals: dict[int, tuple[float, int]] = {}
     offset, deadline = 0, time.monotonic() + args.row_timeout
     with (root / "output.log").open("w") as log:
@@ -222,10 +228,12 @@ def run_row(task: str, code: Path, args: argparse.Namespace, paths: dict, root: 
 # ---- the driver ----
 
 
-def _flops_per_token(family: str, preset: str, length: int) -> float:
+def _flops_per_token(family: str, preset: str, length: int, overrides: dict | None = None) -> float:
     from models import FAMILIES
 
-    return FAMILIES[family].presets[preset]().flops_per_token(length)
+    args = FAMILIES[family].presets[preset]()
+    args = type(args).model_validate({**args.model_dump(), **(overrides or {})})
+    return args.flops_per_token(length)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -256,14 +264,18 @@ def run(args: argparse.Namespace) -> int:
                 print("ROW " + json.dumps(result), flush=True)
                 (failed if "error" in result else rows).append(result)
     print(f"\n{args.preset}; pretraining seq {args.seq_len}, SFT max length {args.sft_max_length};"
-          f" micro-batch {args.micro_batch}, global batch {args.global_batch}; ZeRO-2 "
+          f" micro-batch {args.micro_batch}, global batch {args.global_batch}; ZeRO-{args.zero_stage} "
           f"{args.precision}, compile {args.compile}, {args.attention}; steps "
           f"{args.warmup_steps + 1}-{args.warmup_steps + args.timed_steps} timed")  # fmt: skip
     print("| task | code | repeat | s/step (median) | tokens/s | MFU | peak GiB | row wall s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         length = args.seq_len if row["task"] == "pretrain" else args.sft_max_length
-        mfu = row["tokens_per_s"] * _flops_per_token(args.family, args.preset, length) / PEAK_FLOPS
+        mfu = (
+            row["tokens_per_s"]
+            * _flops_per_token(args.family, args.preset, length, args.overrides)
+            / PEAK_FLOPS
+        )
         peak = f"{row['peak_gib']:.1f}" if row["peak_gib"] is not None else "-"
         print(
             f"| {row['task']} | {row['code']} | {row['repeat']} | {row['step_s']:.4f} | "
@@ -290,6 +302,15 @@ def main() -> None:
     rows.add_argument("--repeat", type=int, default=2)
     rows.add_argument("--work", type=Path, default=Path("runs/bench/step_time"))
     rows.add_argument("--family", default="mistral", help="mixtral: pretraining only")
+    rows.add_argument("--gpus", type=int, default=1, help="processes (torchrun) per row")
+    rows.add_argument("--zero-stage", type=int, default=2, choices=(1, 2, 3))
+    rows.add_argument("--expert-parallel", type=int, default=1)
+    rows.add_argument(
+        "--overrides",
+        type=json.loads,
+        default={},
+        help="model overrides as JSON, e.g. '{\"num_layers\": 14}'",
+    )
     rows.add_argument("--preset", default="mistral_1b")
     rows.add_argument("--seq-len", type=int, default=4096)
     rows.add_argument("--sft-max-length", type=int, default=2048)
