@@ -28,8 +28,8 @@ TEXT = SHARED_DATA / "corpus" / "wikipedia_ja_leads.jsonl.gz"
 MIXTRAL = {"family": "mixtral", "preset": "mixtral_tiny"}
 SECTIONS = {
     "model": MIXTRAL,
-    "train": {"steps": 12, "global_batch_size": 8, "micro_batch_size": 2},
-    "checkpoint": {"interval": 6, "keep_last": 3},
+    "train": {"steps": 8, "global_batch_size": 8, "micro_batch_size": 2},
+    "checkpoint": {"interval": 4, "keep_last": 3},
     "monitor": {"log_interval": 1},
 }
 
@@ -83,7 +83,7 @@ def test_expert_parallel_trains_as_without_it_and_converts_to_the_same_model(
     # Conversion reads the experts from the parts: the same tensors as the run without them.
     tensors = {}
     for name, source in (("ep1", reference), ("ep2", config)):
-        tag = run_dir(source) / "checkpoints" / "step_00000012"
+        tag = run_dir(source) / "checkpoints" / "step_00000008"
         refs = deepspeed_tensors(tag, TrainerState.from_json(tag / "trainer_state.json"))
         tensors[name] = {key: ref.read() for key, ref in refs.items()}
     assert tensors["ep1"].keys() == tensors["ep2"].keys()
@@ -92,7 +92,7 @@ def test_expert_parallel_trains_as_without_it_and_converts_to_the_same_model(
         # summation-order differences in a few elements; the weights as a whole agree closely.
         torch.testing.assert_close(tensor, tensors["ep1"][key], rtol=1e-3, atol=2e-4)
         assert (tensor - tensors["ep1"][key]).abs().mean() < 1e-6, key
-    checkpoint = run_dir(config) / "checkpoints" / "step_00000012"
+    checkpoint = run_dir(config) / "checkpoints" / "step_00000008"
     parts = ExpertCheckpoint(checkpoint, "rerun")
     assert (parts.layout.size, parts.layout.replicas) == (2, 1)
     for name, _ in parts.layout.params:
@@ -120,11 +120,11 @@ def test_expert_parallel_resumes_exactly(shards, expert_parallel, tmp_path):
     interrupted = _config(tmp_path, shards, "interrupted", 2)
 
     process = launch(interrupted, 2, wait=False)
-    wait_for_steps(interrupted, 7, process)
+    wait_for_steps(interrupted, 5, process)
     os.killpg(process.pid, signal.SIGTERM)
     output, _ = process.communicate(timeout=300)
     assert read_manifest(run_dir(interrupted)).status == "stopped", output[-3000:]
-    assert 7 <= len(metrics(interrupted)) < 12
+    assert 5 <= len(metrics(interrupted)) < 8
     resumed = launch(interrupted, 2)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert _figures(interrupted, "loss") == _figures(straight, "loss")
@@ -137,9 +137,9 @@ def test_expert_parallel_resumes_at_another_split_and_refuses_the_other_kind(
     """4 ranks: experts over 2 ranks (each pair's experts held twice, their optimizer state
     split over the two holders), resumed with experts over 4 ranks (held once); the losses
     are those of 2 ranks without expert parallelism (the same global batches)."""
-    split = _config(tmp_path, shards, "split", 2, drills={"crash_in_checkpoint_at_step": 12})
-    assert launch(split, 4).returncode != 0  # step 6 is the last complete checkpoint
-    parts = ExpertCheckpoint(run_dir(split) / "checkpoints" / "step_00000006", "rerun")
+    split = _config(tmp_path, shards, "split", 2, drills={"crash_in_checkpoint_at_step": 8})
+    assert launch(split, 4).returncode != 0  # step 4 is the last complete checkpoint
+    parts = ExpertCheckpoint(run_dir(split) / "checkpoints" / "step_00000004", "rerun")
     assert (parts.layout.size, parts.layout.replicas) == (2, 2)
 
     resume = ("drills.crash_in_checkpoint_at_step=null",)
@@ -152,5 +152,5 @@ def test_expert_parallel_resumes_at_another_split_and_refuses_the_other_kind(
 
     resumed = launch(split, 4, *resume, "engine.expert_parallel=4")
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert [record["step"] for record in metrics(split)] == list(range(1, 13))
+    assert [record["step"] for record in metrics(split)] == list(range(1, 9))
     assert _figures(split, "loss") == pytest.approx(_figures(reference, "loss"), rel=1e-5)

@@ -155,7 +155,7 @@ def wait_for_steps(config: Path, steps: int, process: subprocess.Popen, timeout:
 
 def test_sigterm_then_resume_reproduces_the_uninterrupted_run(shards, tmp_path):
     sections = {
-        "train": {"steps": 60, "global_batch_size": 8, "micro_batch_size": 2},
+        "train": {"steps": 30, "global_batch_size": 8, "micro_batch_size": 2},
         "checkpoint": {"interval": 1000},
         "drills": {"record_samples": True},
     }
@@ -164,12 +164,12 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(shards, tmp_path):
     assert launch(straight, 2).returncode == 0
 
     process = launch(interrupted, 2, wait=False)
-    wait_for_steps(interrupted, 15, process)
+    wait_for_steps(interrupted, 8, process)
     os.killpg(process.pid, signal.SIGTERM)  # as SLURM signals every process of the job
     output, _ = process.communicate(timeout=300)
     assert process.returncode != 0, output[-3000:]
     stopped_at = len(metrics(interrupted))
-    assert 15 <= stopped_at < 60, output[-3000:]
+    assert 8 <= stopped_at < 30, output[-3000:]
     assert read_manifest(run_dir(interrupted)).status == "stopped"
     assert "rerun the same command to resume" in output
 
@@ -183,7 +183,7 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(shards, tmp_path):
     for rank_file in sorted((run_dir(interrupted) / "samples").glob("rank*.jsonl")):
         for line in rank_file.read_text().splitlines():
             seen.extend(json.loads(line)["positions"])
-    assert sorted(seen) == list(range(60 * 8)), "every sample exactly once"
+    assert sorted(seen) == list(range(30 * 8)), "every sample exactly once"
 
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(shards, tmp_path):
