@@ -150,6 +150,30 @@ def test_a_changed_key_inside_a_list_is_named_exactly(tmp_path):
         run_stage(stage, GlobConfig.model_validate(changed))
 
 
+class Spread(Config):
+    ranks: int = 1  # how the work is spread: excluded from the fingerprint below
+    width: int = 1
+
+
+class SpreadConfig(StageConfig):
+    fingerprint_exclude = frozenset({"run", "layout.ranks"})
+
+    layout: Spread = Spread()
+
+
+def test_a_setting_excluded_by_section_and_key_may_change_and_others_may_not(tmp_path):
+    stage = Stage("spread", SpreadConfig, lambda context: {})
+    run = {"root": str(tmp_path / "runs"), "name": "s"}
+    run_stage(stage, SpreadConfig.model_validate({"run": run, "layout": {"ranks": 2}}))
+    again = SpreadConfig.model_validate({"run": run, "layout": {"ranks": 4}})
+    assert run_stage(stage, again).status == "skipped"
+    assert decide(stage, again, hash_inputs=False).action == "run"
+    wider = SpreadConfig.model_validate({"run": run, "layout": {"ranks": 4, "width": 3}})
+    with pytest.raises(KinoeError, match=r"\(changed: layout\.width\)"):
+        run_stage(stage, wider)
+    assert decide(stage, wider, hash_inputs=False).action == "refuse"
+
+
 def test_changed_input_content_is_refused(config_file, corpus):
     run_stage(COUNT, load_stage_config(CountConfig, config_file))
     with gzip.open(corpus, "at", encoding="utf-8") as handle:
