@@ -15,7 +15,6 @@ Under a multi-process launcher only rank 0 keeps the books; every rank runs the 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -25,8 +24,7 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, TypeVar
@@ -49,13 +47,13 @@ from common.manifest import (
     read_manifest,
     write_manifest,
 )
+from common.run_lock import LOCK_NAME, exclusive
 from common.secrets import redact
 
 CONFIG_NAME = "config.yaml"
 LOGS_DIR = "logs"
-_LOCK_NAME = ".lock"
 # Files the runner writes for itself; they are not the stage's outputs.
-BOOKKEEPING = (MANIFEST_NAME, CONFIG_NAME, LOGS_DIR, _LOCK_NAME)
+BOOKKEEPING = (MANIFEST_NAME, CONFIG_NAME, LOGS_DIR, LOCK_NAME)
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -215,7 +213,7 @@ def run_stage(
     label = stage.label
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(run_dir, label, enabled=main):
+    with exclusive(run_dir, label, enabled=main):
         previous = mark_stale(run_dir, read_manifest(run_dir)) if main else read_manifest(run_dir)
         config_data = config.model_dump(mode="json")
         input_records = _hash_inputs(inputs, previous)
@@ -477,7 +475,7 @@ def _finish(manifest: Manifest, started: float) -> None:
 def _clear(run_dir: Path) -> None:
     get_logger("run").info("--force: removing the previous run's files in %s", run_dir)
     for entry in run_dir.iterdir():
-        if entry.name == _LOCK_NAME:
+        if entry.name == LOCK_NAME:
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
@@ -487,31 +485,3 @@ def _clear(run_dir: Path) -> None:
 
 def _rank_suffix() -> str:
     return f".rank{os.environ['RANK']}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-
-
-@contextmanager
-def _exclusive(run_dir: Path, stage: str, enabled: bool) -> Iterator[None]:
-    """Hold an advisory lock on the run directory so two processes never write one run."""
-    if not enabled:
-        yield
-        return
-    with (run_dir / _LOCK_NAME).open("a") as handle:
-        try:
-            # A POSIX record lock, not flock: forked children (DataLoader workers, datatrove
-            # tasks) do not inherit it, so a crashed run's orphaned workers cannot keep its
-            # run directory locked against the restart.
-            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked = True
-        except (BlockingIOError, PermissionError):
-            raise KinoeError(
-                f"{stage}: another kinoe process is writing {run_dir}; wait for it or set run.name=<new name>"
-            ) from None
-        except OSError as error:
-            # Some shared filesystems refuse locks (ENOLCK); running unlocked beats not running.
-            get_logger("run").warning("cannot lock %s (%s); running without a lock", run_dir, error)
-            locked = False
-        try:
-            yield
-        finally:
-            if locked:
-                fcntl.lockf(handle, fcntl.LOCK_UN)

@@ -33,7 +33,7 @@ from common.run import Stage, StageContext, load_stage_config, run_stage
 from launch.memory_estimate import expert_parallel_size
 from launch.preflight_disk import checkpoint_disk
 from launch.preflight_projection import projected_time, throughput
-from launch.preflight_report import count, format_table
+from launch.preflight_report import count, format_table, model_section
 from launch.preflight_verdict import Verdict, judge_measurement, memory_before_building
 from pretrain.cli import STAGE as PRETRAIN_STAGE
 from pretrain.config import PretrainConfig
@@ -314,16 +314,7 @@ def check(context: StageContext[PretrainConfig], world, options: Options) -> dic
         "verdict": "NO-GO" if verdict.reasons else "GO",
         "reasons": verdict.reasons,
         "notes": verdict.notes,
-        "model": {
-            "family": config.model.family,
-            "preset": config.model.preset,
-            "parameters": args.num_parameters(),
-            "non_embedding_parameters": args.num_non_embedding_parameters(),
-            "flops_per_token": args.flops_per_token(config.data.seq_len),
-            "attention": args.attention,
-            "activation_checkpointing": config.engine.activation_checkpointing,
-            "compile": config.engine.compile,
-        },
+        "model": model_section(config, args),
         "world": {
             "ranks": world.size,
             "device": world.device.type,

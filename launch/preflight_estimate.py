@@ -27,7 +27,7 @@ from launch.memory_estimate import (
 )
 from launch.preflight_disk import checkpoint_disk
 from launch.preflight_projection import declared_throughput, projected_time
-from launch.preflight_report import gib
+from launch.preflight_report import gib, model_section
 from launch.preflight_verdict import Verdict
 from pretrain.config import PretrainConfig
 from training.world import World
@@ -107,16 +107,7 @@ def judge(context: StageContext[PretrainConfig], cluster: Cluster) -> dict[str, 
         "verdict": "NO-GO" if verdict.reasons else "GO",
         "reasons": verdict.reasons,
         "notes": verdict.notes,
-        "model": {
-            "family": config.model.family,
-            "preset": config.model.preset,
-            "parameters": args.num_parameters(),
-            "non_embedding_parameters": args.num_non_embedding_parameters(),
-            "flops_per_token": args.flops_per_token(config.data.seq_len),
-            "attention": args.attention,
-            "activation_checkpointing": config.engine.activation_checkpointing,
-            "compile": config.engine.compile,
-        },
+        "model": model_section(config, args),
         "world": {
             "ranks": world.size,
             "device": "declared",

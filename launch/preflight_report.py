@@ -8,6 +8,20 @@ from typing import Any
 from launch.memory_estimate import GiB
 
 
+def model_section(config: Any, args: Any) -> dict[str, Any]:
+    """The report's ``model`` section: what is judged, the same with or without a GPU."""
+    return {
+        "family": config.model.family,
+        "preset": config.model.preset,
+        "parameters": args.num_parameters(),
+        "non_embedding_parameters": args.num_non_embedding_parameters(),
+        "flops_per_token": args.flops_per_token(config.data.seq_len),
+        "attention": args.attention,
+        "activation_checkpointing": config.engine.activation_checkpointing,
+        "compile": config.engine.compile,
+    }
+
+
 def count(number: int, noun: str) -> str:
     """``1 rank``, ``8 ranks``."""
     return f"{number:,} {noun}{'' if number == 1 else 's'}"
