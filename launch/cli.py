@@ -85,8 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(module.main(args) or 0)
     except KinoeError as error:
         # The same redaction as the log file: a secret can sit inside a path or a URL.
-        for line in redact(str(error)).splitlines():
-            print(f"kinoe {args.command}: error: {line}", file=sys.stderr)
+        lines = redact(str(error)).splitlines()
+        # One write for the whole message (print makes two, text then newline): every rank of
+        # a distributed run says the same thing into one pipe, and two-part writes interleave.
+        sys.stderr.write("".join(f"kinoe {args.command}: error: {line}\n" for line in lines))
+        sys.stderr.flush()
         return error.exit_code
     except KeyboardInterrupt:
         print(f"kinoe {args.command}: interrupted", file=sys.stderr)
