@@ -119,6 +119,8 @@ def row_config(task: str, args: argparse.Namespace, paths: dict, root: Path, mod
     engine = {"zero_stage": args.zero_stage, "precision": args.precision, "compile": args.compile}
     if args.expert_parallel > 1:  # only then: trees before the setting accept the config
         engine["expert_parallel"] = args.expert_parallel
+    if getattr(args, "fp8", None):  # likewise
+        engine["fp8"] = args.fp8
     common = {
         "run": {"root": str(root), "name": "bench"},
         "engine": engine,
@@ -126,6 +128,7 @@ def row_config(task: str, args: argparse.Namespace, paths: dict, root: Path, mod
         "monitor": {"log_interval": args.log_interval},
     }
     if task == "pretrain":
+        seed = {"seed": args.seed} if getattr(args, "seed", None) is not None else {}
         return common | {
             "model": {"family": args.family, "preset": args.preset,
                       "overrides": {"attention": args.attention, **args.overrides}},
@@ -138,7 +141,7 @@ def row_config(task: str, args: argparse.Namespace, paths: dict, root: Path, mod
                 "num_workers": 2,
             },
             "train": {"steps": 1, "global_batch_size": args.global_batch,
-                      "micro_batch_size": args.micro_batch},
+                      "micro_batch_size": args.micro_batch, **seed},
             "optimizer": {"lr": 3e-4},
             "schedule": {"kind": "wsd", "warmup_steps": args.warmup_steps},
         }  # fmt: skip
@@ -305,6 +308,7 @@ def main() -> None:
     rows.add_argument("--gpus", type=int, default=1, help="processes (torchrun) per row")
     rows.add_argument("--zero-stage", type=int, default=2, choices=(1, 2, 3))
     rows.add_argument("--expert-parallel", type=int, default=1)
+    rows.add_argument("--fp8", choices=("tensorwise", "rowwise"), default=None)
     rows.add_argument(
         "--overrides",
         type=json.loads,

@@ -125,6 +125,13 @@ def _finetune(
             f"engine.expert_parallel {config.engine.expert_parallel}: fine-tuning keeps every "
             "expert on every rank; set engine.expert_parallel to 1"
         )
+    if config.engine.fp8 is not None:
+        # LoRA's adapters sit beside the linear layers FP8 would swap, and a fine-tuning run
+        # is short enough that bf16's cost is not worth FP8's accuracy risk.
+        raise KinoeError(
+            f"engine.fp8 {config.engine.fp8}: FP8 is for pretraining; fine-tuning trains in "
+            "bf16; set engine.fp8 to null"
+        )
     flag = PreemptionFlag()
 
     source = open_model_source(model_config)

@@ -14,7 +14,7 @@ IMAGE_HAS="torch transformers tokenizers safetensors sentencepiece numpy pyarrow
 #   outputs), and W&B cannot log without internet;
 LEFT_OUT="datatrove datasets orjson fasttext-wheel wandb"
 # - brought, at pyproject's version, with the dependencies the image lacks (build below).
-BROUGHT="deepspeed pydantic"
+BROUGHT="deepspeed pydantic torchao"
 #
 # Settings (environment): PYTHON_VERSION (default 3.12, the image's) for `build`; PYTHON (default
 # python3) for both; SITE (default DIR/site) is where `install` puts the packages.
@@ -68,6 +68,10 @@ build() {
     # it builds into a pure-Python wheel; ops it needs compile on first use on the GPU machine.
     DS_BUILD_OPS=0 "$python" -m pip wheel --quiet --no-deps --no-build-isolation \
         -w "$dir" "deepspeed==$deepspeed"
+    # engine.fp8's float8 training (its kernels are built for CUDA in the abi3 wheel), and the
+    # Liger kernels of the Hugging Face baseline in benchmarks/pretrain_throughput.py (triton,
+    # which it needs, comes with the image's torch).
+    "${fetch[@]}" "torchao==$(pin torchao)" "liger-kernel==$(pin liger-kernel)"
     ls -1 "$dir"/*.whl
     du -sh "$dir" >&2
 }
@@ -81,7 +85,7 @@ install() {
         --upgrade --target "$site" "$dir"/*.whl >&2
     site=$(cd "$site" && pwd)
     PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" "$python" -c \
-        "import deepspeed, pydantic, torch; print('gpu_wheels.sh: deepspeed', deepspeed.__version__, 'pydantic', pydantic.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())" >&2
+        "import deepspeed, pydantic, torch, torchao; print('gpu_wheels.sh: deepspeed', deepspeed.__version__, 'pydantic', pydantic.__version__, 'torchao', torchao.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())" >&2
     echo "export PYTHONPATH=$site:$repo\${PYTHONPATH:+:\$PYTHONPATH}"
     # No ops are prebuilt (DS_BUILD_OPS=0): keep DeepSpeed's JIT builds off the shared home.
     echo "export TORCH_EXTENSIONS_DIR=$site/torch_extensions"

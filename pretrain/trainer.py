@@ -240,7 +240,14 @@ def build_model(
         load_initial_weights(model, config.model.init_from, world.is_main)
         if world.is_main:
             logger.info("initial weights from %s", config.model.init_from)
-    parallelize(model, config.engine)
+    fp8_layers = parallelize(model, config.engine)
+    if fp8_layers and world.is_main:
+        logger.info(
+            "engine.fp8 %s: %d linear layers of the blocks train in FP8 (embedding, output "
+            "head, router and experts in bf16)",
+            config.engine.fp8,
+            len(fp8_layers),
+        )
     return model
 
 

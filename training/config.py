@@ -71,6 +71,12 @@ class EngineConfig(Config):
     gradient_clipping: float = Field(1.0, ge=0, description="Max global grad norm; 0: off")
     activation_checkpointing: bool = False
     compile: bool = Field(False, description="torch.compile each decoder block")
+    fp8: Literal["tensorwise", "rowwise"] | None = Field(
+        None,
+        description="Train the decoder blocks' linear layers in FP8 (torchao float8, dynamic "
+        "scaling; embedding, output head, router and experts stay bf16); null: off. Needs "
+        "engine.compile and an FP8 GPU (8.9+ tensorwise, 9.0+ rowwise)",
+    )
     expert_parallel: int = Field(
         1,
         ge=1,
@@ -94,6 +100,24 @@ class EngineConfig(Config):
                     f"{key} is derived by kinoe and cannot be set here; set {setting} instead"
                 )
         return raw
+
+    @model_validator(mode="after")
+    def _fp8_composes(self) -> EngineConfig:
+        if self.fp8 is None:
+            return self
+        if not self.compile:
+            # Uncompiled, each scaling cast is its own kernel reading and writing the whole
+            # tensor: the casts cost more than the FP8 matmuls save.
+            raise ValueError(
+                "engine.fp8 needs engine.compile: true (uncompiled, the float8 casts cost more "
+                "than the FP8 matmuls save); set engine.compile to true or engine.fp8 to null"
+            )
+        if self.precision == "fp32":
+            raise ValueError(
+                "engine.fp8 trains with bf16 activations; set engine.precision to bf16 (or "
+                "auto) or engine.fp8 to null"
+            )
+        return self
 
     @model_validator(mode="after")
     def _expert_parallel_composes(self) -> EngineConfig:

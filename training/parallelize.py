@@ -1,6 +1,7 @@
-"""What is applied to a model from outside its architecture: activation checkpointing, compilation.
+"""What is applied to a model from outside its architecture: FP8 linear layers, activation
+checkpointing, compilation.
 
-Both act on the decoder blocks (``model.layers``), the unit every family has, so the model
+All act on the decoder blocks (``model.layers``), the unit every family has, so the model
 files stay architecture only.
 """
 
@@ -16,6 +17,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 )
 
 from training.config import EngineConfig
+from training.fp8 import apply_fp8
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -46,9 +48,15 @@ def compile_blocks(model: nn.Module) -> None:
         block.compile()
 
 
-def parallelize(model: nn.Module, engine: EngineConfig) -> None:
-    """Apply what ``engine`` asks for from outside the architecture: checkpointing, then compilation."""
+def parallelize(model: nn.Module, engine: EngineConfig) -> list[str]:
+    """Apply what ``engine`` asks for from outside the architecture: FP8 linear layers, then
+    checkpointing, then compilation (which fuses FP8's scaling casts into the blocks' graphs).
+
+    Returns the names of the layers that train in FP8 (none when ``engine.fp8`` is off).
+    """
+    fp8_layers = apply_fp8(model, engine.fp8) if engine.fp8 is not None else []
     if engine.activation_checkpointing:
         apply_activation_checkpointing(model)
     if engine.compile:
         compile_blocks(model)
+    return fp8_layers
