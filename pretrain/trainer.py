@@ -106,12 +106,6 @@ def _train(context: StageContext[PretrainConfig], world: World) -> dict[str, Any
     )
     _warn_about_repeats(order, logger, world)
 
-    ds_config = deepspeed_config(config, world)
-    model = build_model(config, args, world, logger, ds_config)
-    if world.is_main:
-        (context.run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-    engine = build_engine(model, config, ds_config)
-
     state = TrainerState(
         world_size=world.size,
         zero_stage=config.engine.zero_stage,
@@ -125,6 +119,16 @@ def _train(context: StageContext[PretrainConfig], world: World) -> dict[str, Any
     )
     checkpointer.remove_incomplete()
     resume_step = checkpointer.step_to_resume()
+    if resume_step is not None:
+        # Before the model is built: a setting the checkpoint cannot resume under is refused
+        # in seconds, not after minutes of building a 7B model on every rank.
+        checkpointer.check_resumable(resume_step, state)
+
+    ds_config = deepspeed_config(config, world)
+    model = build_model(config, args, world, logger, ds_config)
+    if world.is_main:
+        (context.run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    engine = build_engine(model, config, ds_config)
     if resume_step is not None:
         loaded = checkpointer.load(engine, resume_step, state)
         loaded.world_size, loaded.zero_stage = world.size, config.engine.zero_stage

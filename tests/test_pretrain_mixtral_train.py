@@ -61,7 +61,9 @@ def test_tiny_mixtral_loss_falls_and_reports_expert_balance(shards, tmp_path):
     assert len(loads) == 4 and sum(loads) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+# ZeRO-2 and ZeRO-3 with two processes are trained (and compared or resumed) by
+# test_pretrain_expert_parallel.py's reference run and by the ZeRO-3 resume test below.
+@pytest.mark.parametrize("stage", [1])
 def test_mixtral_trains_under_each_zero_stage_with_two_processes(shards, tmp_path, stage):
     config = write_config(
         tmp_path, shards, f"moe-zero{stage}", model=MIXTRAL, engine={"zero_stage": stage}

@@ -196,16 +196,16 @@ class Checkpointer:
             return None
         return agreed_damage(target, recorded, self.world.rank, self.world.size, self.world.control)
 
-    def _check_expert_kind(self, engine, target: Path, state: TrainerState) -> None:
+    def _check_expert_kind(self, target: Path, state: TrainerState, expert_parallel: int) -> None:
         """Refuse to mix experts saved apart (expert parallelism) with experts in DeepSpeed's state."""
         sharded = (target / EXPERTS_DIR).is_dir()
-        if sharded and engine.expert_optimizer is None:
+        if sharded and expert_parallel == 1:
             raise KinoeError(
                 f"{target} was written with engine.expert_parallel {state.expert_parallel} (the "
                 "experts saved apart from DeepSpeed's state); resume with engine.expert_parallel "
                 "> 1 (any divisor of the ranks and of the experts)"
             )
-        if not sharded and engine.expert_optimizer is not None:
+        if not sharded and expert_parallel > 1:
             raise KinoeError(
                 f"{target} was written without expert parallelism (the experts are in "
                 "DeepSpeed's state); resume with engine.expert_parallel 1"
@@ -271,8 +271,14 @@ class Checkpointer:
             if step not in keep:
                 shutil.rmtree(self.directory / tag_for(step), ignore_errors=True)
 
-    def load(self, engine, step: int, current: TrainerState) -> TrainerState:
-        """Load the checkpoint of ``step`` into ``engine``; return its trainer state."""
+    def check_resumable(self, step: int, current: TrainerState) -> TrainerState:
+        """The trainer state of ``step``'s checkpoint, after refusing in one line what this run
+        (described by ``current``) cannot resume from it: another data order, another number of
+        ranks without a universal checkpoint, the other kind of expert checkpoint.
+
+        Reads only ``trainer_state.json``, so a trainer calls it before building its model and
+        a wrong setting is refused in seconds; ``load`` calls it again.
+        """
         target = self.directory / tag_for(step)
         state = TrainerState.from_json(target / STATE_FILE)
         if state.data_order != current.data_order:
@@ -310,7 +316,15 @@ class Checkpointer:
                 f"{self.world.size}; DeepSpeed cannot reshard ZeRO-{state.zero_stage} state "
                 f"directly: {convert}"
             )
-        self._check_expert_kind(engine, target, state)
+        self._check_expert_kind(target, state, current.expert_parallel)
+        return state
+
+    def load(self, engine, step: int, current: TrainerState) -> TrainerState:
+        """Load the checkpoint of ``step`` into ``engine``; return its trainer state."""
+        state = self.check_resumable(step, current)
+        target, tag = self.directory / tag_for(step), tag_for(step)
+        if self.config.load_universal:
+            tag = f"{tag}_universal"
         digesting_engine(engine)
         try:
             with safe_load.weights_only_loads():
