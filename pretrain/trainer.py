@@ -229,12 +229,18 @@ def build_model(
     """The model as training uses it, before DeepSpeed wraps it.
 
     Seeded random weights or ``model.init_from``'s, built into ZeRO-3 partitions when the
-    run is ZeRO-3 (``training.partitioned``), then activation checkpointing and compilation
-    applied from outside. ``kinoe preflight`` builds its model here too, so what it measures
+    run is ZeRO-3 and with only this rank's experts under expert parallelism
+    (``training.partitioned``), then FP8, activation checkpointing and compilation applied
+    from outside. ``kinoe preflight`` builds its model here too, so what it measures
     is what trains.
     """
     model = build_initialised(
-        config.model.model_family.model_type, args, config.train.seed, ds_config, world
+        config.model.model_family.model_type,
+        args,
+        config.train.seed,
+        ds_config,
+        world,
+        config.engine.expert_parallel,
     )
     if config.model.init_from is not None:
         # Continual pretraining: an existing model's weights instead of a random start. On a

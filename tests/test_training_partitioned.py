@@ -55,3 +55,35 @@ def test_zero3_builds_into_partitions_with_the_whole_builds_weights(tmp_path):
         # A whole build grows by the model's size; half of it is this rank's partition, and
         # one module at a time is whole while it is built or initialised.
         assert int(growth_mb) < 0.75 * int(model_mb), (rank, model_mb, growth_mb)
+
+
+def test_expert_parallel_build_holds_only_its_experts_with_the_whole_builds_values(tmp_path):
+    from convert.initial import load_initial_weights
+    from models.mixtral import Mixtral
+    from models.mixtral.args import mixtral_tiny
+    from training.partitioned import build_initialised
+    from training.world import World
+
+    args = mixtral_tiny()  # 4 experts
+    whole = build_initialised(Mixtral, args, seed=5)
+    parts = []
+    for rank in range(2):
+        world = World(rank=rank, local_rank=rank, size=2, device=torch.device("cpu"))
+        parts.append(build_initialised(Mixtral, args, seed=5, world=world, expert_parallel=2))
+    for name, value in whole.state_dict().items():
+        if "w_gate_up" in name or "w_down" in name:
+            # Each rank holds two of the four experts; together, the whole build's draws.
+            held = [part.state_dict()[name] for part in parts]
+            assert all(tensor.shape[0] == 2 for tensor in held), name
+            assert torch.equal(torch.cat(held), value), name
+        else:
+            assert all(torch.equal(part.state_dict()[name], value) for part in parts), name
+
+    # model.init_from's stacked experts are cut to the rank's slice the same way.
+    torch.manual_seed(9)
+    other = Mixtral(args)
+    weights = tmp_path / "weights"
+    write_weights_directory(module_source("mixtral", other, {"kind": "test"}), weights, 2**31)
+    load_initial_weights(parts[1], weights)
+    name = "layers.1.feed_forward.w_down_EDF"
+    assert torch.equal(parts[1].state_dict()[name], other.state_dict()[name][2:])

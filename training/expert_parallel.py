@@ -136,21 +136,23 @@ class AllToAllExchange:
         return _AllToAll.apply(y_XD, send, receive, self.groups.group)
 
 
-def shard_experts(model: nn.Module, groups: ExpertGroups) -> None:
-    """Keep this rank's experts of every MoE layer and route their tokens over ``groups``.
+def keep_local_experts(model: nn.Module, size: int, rank: int) -> None:
+    """Replace every MoE layer's stacked expert weights by this rank's slice of them.
 
-    The full stacked weights are sliced (and the rest freed), so a model built whole keeps
-    exactly the values it was initialised or loaded with.
+    Experts ``[rank * G, (rank + 1) * G)`` with ``G = num_experts / size``. Works on a model
+    built on the meta device (nothing is materialised) as on a built one (the rest is freed).
+    Each slice is marked with ``expert_slice`` and ``expert_full_shape``, by which initial
+    weights and loaded tensors are cut to it (``training.partitioned``).
     """
     if not isinstance(model, ExpertModel):
         raise KinoeError(
-            f"engine.expert_parallel {groups.size} needs a model with experts; "
+            f"engine.expert_parallel {size} needs a model with experts; "
             f"{type(model).__name__} has none: set engine.expert_parallel to 1"
         )
     for moe in model.moe_modules():
-        if moe.num_experts % groups.size:
+        if moe.num_experts % size:
             raise KinoeError(
-                f"engine.expert_parallel {groups.size} does not divide the model's "
+                f"engine.expert_parallel {size} does not divide the model's "
                 f"{moe.num_experts} experts; choose a divisor of the number of experts"
             )
         if moe.implementation != "grouped":
@@ -158,15 +160,47 @@ def shard_experts(model: nn.Module, groups: ExpertGroups) -> None:
                 "engine.expert_parallel needs model.overrides.moe_implementation 'grouped' "
                 f"(got {moe.implementation!r}, the single-rank reference)"
             )
-        G = moe.num_experts // groups.size
-        keep = slice(groups.rank * G, (groups.rank + 1) * G)
+        G = moe.num_experts // size
+        keep = slice(rank * G, (rank + 1) * G)
+        held = getattr(moe, "kept_experts", None)
+        if held is not None:  # built with its experts already kept
+            if held != keep:
+                raise RuntimeError(f"an MoE layer holds experts {held}, not {keep}")
+            continue
         for name in ("w_gate_up_E2FD", "w_down_EDF"):
             full = getattr(moe, name)
-            shard = nn.Parameter(full.detach()[keep].clone(), full.requires_grad)
+            setattr(moe, name, nn.Parameter(full.detach()[keep].clone(), full.requires_grad))
+        moe.kept_experts = keep
+    mark_expert_slices(model)
+
+
+def mark_expert_slices(model: nn.Module) -> None:
+    """Give each expert slice its ``expert_slice`` and ``expert_full_shape`` (from its layer's
+    ``kept_experts``), again after anything that replaced the parameter objects (``to_empty``)."""
+    if not isinstance(model, ExpertModel):
+        return
+    for moe in model.moe_modules():
+        keep = getattr(moe, "kept_experts", None)
+        if keep is None:
+            continue
+        for shard in (moe.w_gate_up_E2FD, moe.w_down_EDF):
+            shard.expert_slice = keep
+            shard.expert_full_shape = (moe.num_experts, *shard.shape[1:])
+
+
+def shard_experts(model: nn.Module, groups: ExpertGroups) -> None:
+    """Keep this rank's experts of every MoE layer (if the build has not) and route their
+    tokens over ``groups``.
+
+    Sliced from a model built whole, the shards keep exactly the values it was initialised
+    or loaded with; a model built with only its experts (``build_initialised``) has the same.
+    """
+    keep_local_experts(model, groups.size, groups.rank)
+    for moe in model.moe_modules():
+        for shard in (moe.w_gate_up_E2FD, moe.w_down_EDF):
             # DeepSpeed's marks of an expert parameter: not all-reduced over the data-parallel
             # group, broadcast at start-up within its group only.
             shard.allreduce, shard.group_name = False, group_name(groups.size)
-            setattr(moe, name, shard)
         moe.exchange = AllToAllExchange(groups, moe.num_experts)
 
 

@@ -1,5 +1,6 @@
-"""Building a model as training holds it: whole on the host for ZeRO 1/2, straight into its
-partitions for ZeRO-3, where no rank ever holds more than its share plus one module.
+"""Building a model as training holds it: whole on the host for ZeRO 1/2 (with only this rank's
+experts under expert parallelism), straight into its partitions for ZeRO-3, where no rank ever
+holds more than its share plus one module.
 
 Both builds draw the initial weights the same way: the model's ``initializers``, in order,
 from torch's CPU generator seeded with the run's seed just before the first draw. So a
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from training.expert_parallel import keep_local_experts, mark_expert_slices
 from training.world import World
 
 
@@ -23,18 +25,42 @@ def build_initialised(
     seed: int,
     ds_config: dict[str, Any] | None = None,
     world: World | None = None,
+    expert_parallel: int = 1,
 ) -> nn.Module:
-    """``model_type(args)`` with seeded initial weights; into ZeRO-3 partitions when ``ds_config`` says stage 3."""
+    """``model_type(args)`` with seeded initial weights; into ZeRO-3 partitions when
+    ``ds_config`` says stage 3; with only this rank's experts when ``expert_parallel`` > 1."""
     if ds_config is not None and ds_config["zero_optimization"]["stage"] == 3:
         return _build_partitioned(model_type, args, seed, ds_config, world)
     # Built on the meta device first: the layers' own default initialisation would draw
     # every weight once more, on the host, only to be overwritten.
     with torch.device("meta"):
         model = model_type(args)
+    if expert_parallel > 1:
+        # Other ranks' experts are never materialised here: Mixtral 8x7B's are 45B parameters,
+        # 180 GB in fp32 on every rank of a node if the model were built whole.
+        rank = world.rank if world is not None else 0
+        keep_local_experts(model, expert_parallel, rank % expert_parallel)
     model.to_empty(device="cpu")
+    mark_expert_slices(model)  # to_empty made new parameter objects
     torch.manual_seed(seed)
-    model.init_weights()
+    for parameter, initialise in model.initializers():
+        draw(parameter, initialise)
+    model.reset_buffers()
     return model
+
+
+def draw(parameter: torch.Tensor, initialise: Callable[[torch.Tensor], Any]) -> None:
+    """Fill ``parameter`` from its initializer; an expert slice gets its part of a draw of the
+    whole stack, so that the generator advances as for the whole model and every rank's
+    experts equal the whole build's (one layer's stack is held for the moment of the draw)."""
+    full_shape = getattr(parameter, "expert_full_shape", None)
+    if full_shape is None:
+        initialise(parameter)
+        return
+    values = torch.empty(full_shape, dtype=parameter.dtype)
+    initialise(values)
+    with torch.no_grad():
+        parameter.copy_(values[parameter.expert_slice])
 
 
 def _build_partitioned(
@@ -70,7 +96,8 @@ def assign(parameter: torch.Tensor, read: Callable[[], torch.Tensor], is_main: b
 
     with torch.no_grad():
         if not is_zero_param(parameter):
-            parameter.copy_(read())
+            # An expert slice (expert parallelism) takes its experts from the whole stack.
+            parameter.copy_(read()[getattr(parameter, "expert_slice", slice(None))])
             return
         import deepspeed
 
@@ -83,4 +110,6 @@ def full_shape(parameter: torch.Tensor) -> tuple[int, ...]:
     """The shape of ``parameter`` as the model declares it, also when it is a ZeRO-3 partition."""
     from deepspeed.runtime.zero.utils import is_zero_param
 
-    return tuple(parameter.ds_shape if is_zero_param(parameter) else parameter.shape)
+    if is_zero_param(parameter):
+        return tuple(parameter.ds_shape)
+    return tuple(getattr(parameter, "expert_full_shape", parameter.shape))

@@ -206,6 +206,10 @@ class Mistral(nn.Module):
         """
         for parameter, initialise in self.initializers():
             initialise(parameter)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Recompute the buffers that are not parameters (RoPE's tables), e.g. after ``to_empty``."""
         self.rope.reset_buffers()
 
     def initializers(self) -> list[Initializer]:
