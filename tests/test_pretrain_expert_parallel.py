@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -135,26 +137,34 @@ def test_expert_parallel_resumes_exactly(shards, expert_parallel, tmp_path):
     assert _figures(interrupted, "grad_norm") == _figures(straight, "grad_norm")
 
 
-def test_expert_parallel_resumes_at_another_split_and_refuses_the_other_kind(
+def test_expert_parallel_resumes_on_fewer_ranks_and_refuses_the_other_kind(
     shards, reference, tmp_path
 ):
-    """4 ranks: experts over 2 ranks (each pair's experts held twice, their optimizer state
-    split over the two holders), resumed with experts over 4 ranks (held once); the losses
-    are those of 2 ranks without expert parallelism (the same global batches)."""
+    """4 ranks with experts over 2 (each pair's experts held twice, their optimizer state split
+    over the two holders), crashed; resumed on 2 ranks (experts held once) through a universal
+    checkpoint of DeepSpeed's part, as after losing a node. The losses are those of 2 ranks
+    without expert parallelism (the same global batches)."""
     split = _config(tmp_path, shards, "split", 2, drills={"crash_in_checkpoint_at_step": 8})
     assert launch(split, 4).returncode != 0  # step 4 is the last complete checkpoint
-    parts = ExpertCheckpoint(run_dir(split) / "checkpoints" / "step_00000004", "rerun")
+    checkpoint = run_dir(split) / "checkpoints" / "step_00000004"
+    parts = ExpertCheckpoint(checkpoint, "rerun")
     assert (parts.layout.size, parts.layout.replicas) == (2, 2)
+    convert = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal"]
+    convert += ["--input_folder", str(checkpoint), "--output_folder", f"{checkpoint}_universal"]
+    converted = subprocess.run(
+        convert, env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True
+    )
+    assert converted.returncode == 0, converted.stderr[-3000:]
 
-    resume = ("drills.crash_in_checkpoint_at_step=null",)
-    refused = launch(split, 4, *resume, "engine.expert_parallel=1")
+    resume = ("drills.crash_in_checkpoint_at_step=null", "checkpoint.load_universal=true")
+    refused = launch(split, 2, *resume, "engine.expert_parallel=1")
     # One line from each rank that got to say it before torchrun stopped the others.
     errors = {line for line in refused.stdout.splitlines() if "error:" in line}
     assert refused.returncode != 0 and len(errors) == 1, refused.stdout[-3000:]
     (error,) = errors
     assert "engine.expert_parallel 2" in error and "expert_parallel > 1" in error
 
-    resumed = launch(split, 4, *resume, "engine.expert_parallel=4")
+    resumed = launch(split, 2, *resume)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert [record["step"] for record in metrics(split)] == list(range(1, 9))
     assert _figures(split, "loss") == pytest.approx(_figures(reference, "loss"), rel=1e-5)
