@@ -15,7 +15,6 @@ all of them. Figures go to the console and W&B (``eval/bpc``, ``eval/<task>/acc`
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -25,8 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from common.errors import KinoeError
-from training.callbacks.base import Callback
-from training.callbacks.metrics_file import truncate_history
+from training.callbacks.periodic import PeriodicEvaluation, shared_forward_count
 from training.config import EvaluationConfig
 from training.world import World
 
@@ -114,8 +112,10 @@ def row_logliks(model: nn.Module, rows: list[tuple[list[int], int]], device) -> 
     return sums
 
 
-class TrainingEvaluation(Callback):
+class TrainingEvaluation(PeriodicEvaluation):
     """Scores ``Rows`` on the training model every ``interval`` steps and at ``total_steps``."""
+
+    title = "evaluation"
 
     def __init__(
         self,
@@ -125,49 +125,31 @@ class TrainingEvaluation(Callback):
         total_steps: int,
         run_dir: Path,
     ):
-        self.config, self.world, self.total_steps = config, world, total_steps
+        super().__init__(world, config.interval, total_steps, Path(run_dir) / EVALUATION_FILE)
+        self.config = config
         self.rows = prepare_rows(config, max_length)
-        self.path = Path(run_dir) / EVALUATION_FILE
-        self._callbacks = None
 
-    def bind(self, callbacks) -> None:
-        self._callbacks = callbacks
-
-    def on_train_start(self, step: int) -> None:
-        if self.world.is_main:
-            truncate_history(self.path, step)
-
-    def on_step_end(self, step: int, model: nn.Module) -> None:
-        if step % self.config.interval == 0 or step == self.total_steps:
-            self.evaluate(step, model)
-
-    def evaluate(self, step: int, model: nn.Module) -> dict[str, float]:
-        """Every rank scores its share of the rows; the figures, recorded at ``step``."""
+    def evaluate(self, step: int, model: nn.Module | None) -> dict[str, float]:
+        """Every rank scores its share of the rows; the figures, the same on every rank."""
         started = time.perf_counter()
         world, rows = self.world, self.rows.rows
         mine = sorted(range(world.rank, len(rows), world.size), key=lambda i: len(rows[i][0]))
         size = self.config.micro_batch_size
         chunks = [mine[i : i + size] for i in range(0, len(mine), size)]
-        count = torch.tensor([len(chunks)], device=world.device)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
         sums = torch.zeros(len(rows), dtype=torch.float64, device=world.device)
         was_training = model.training
         model.eval()
-        for index in range(int(count.item())):
+        for index in range(shared_forward_count(len(chunks), world)):
             if index < len(chunks):
                 sums[chunks[index]] = row_logliks(
                     model, [rows[i] for i in chunks[index]], world.device
                 )
-            else:
+            else:  # a one-token row: this rank's share is done, the others' is not
                 row_logliks(model, [([rows[0][0][0], rows[0][0][0]], 1)], world.device)
         model.train(was_training)
         dist.all_reduce(sums)
         values = self.figures(sums.cpu().tolist())
         values["eval/seconds"] = time.perf_counter() - started
-        self._callbacks.record(step, "evaluation", values)
-        if world.is_main:
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": step, **values}) + "\n")
         return values
 
     def figures(self, logliks: list[float]) -> dict[str, float]:
