@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from common.errors import KinoeError
 from common.logs import setup_logging
-from common.secrets import redact
+from common.secrets import forget_declared_secret_variables, redact
 
 # name -> (module, one-line help); a command is listed here only once its stage exists.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -79,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    # Each command redacts what its own configs declare (main may run many times in a process).
+    forget_declared_secret_variables()
     setup_logging(None)
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
