@@ -25,7 +25,7 @@ from data_prep.config import DataConfig
 from tokenizer.cli import STEPS, model_path, step_dir
 from tokenizer.config import TokenizerConfig
 from tokenizer.encode import EncodeShards
-from tokenizer.sample import document_files, read_documents
+from tokenizer.sample import SampleStats, document_files, read_documents
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
 
     documents = []
     for path in document_files(config.sample.documents):
-        for record in read_documents(path):
+        for record in read_documents(path, SampleStats()):
             documents.append(record)
     from datatrove.data import Document
 

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from common.secrets import redact, secret_values
+from common.secrets import declared_secret_variables, redact, secret_values
 
 ROOT_LOGGER = "kinoe"
 _FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -19,9 +19,15 @@ class _RedactSecrets(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
+        self._declared = declared_secret_variables()
         self._secrets = secret_values()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # The console handler is set up before any config is read; a config loaded since may
+        # have declared more secret variables (run.secret_variables).
+        if self._declared != declared_secret_variables():
+            self._declared = declared_secret_variables()
+            self._secrets = secret_values()
         if self._secrets:
             record.msg = redact(record.getMessage(), self._secrets)
             record.args = None

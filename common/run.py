@@ -48,13 +48,14 @@ from common.manifest import (
     write_manifest,
 )
 from common.run_lock import LOCK_NAME, exclusive
-from common.secrets import redact
+from common.secrets import declare_secret_variables, redact
 
 CONFIG_NAME = "config.yaml"
 LOGS_DIR = "logs"
 # Files the runner writes for itself; they are not the stage's outputs.
 BOOKKEEPING = (MANIFEST_NAME, CONFIG_NAME, LOGS_DIR, LOCK_NAME)
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_VARIABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def default_run_root() -> Path:
@@ -72,6 +73,24 @@ class RunConfig(Config):
     name: str = Field(
         default="", description="Run name; defaults to the config file's name without .yaml"
     )
+    secret_variables: list[str] = Field(
+        default_factory=list,
+        description="Environment variables whose values are secrets although their names look "
+        "innocent (no KEY/TOKEN/SECRET/PASSWORD/WEBHOOK): redacted from logs, console errors, "
+        "manifest.json and config.yaml like the ones the name patterns catch",
+    )
+
+    @field_validator("secret_variables")
+    @classmethod
+    def _variable_names(cls, names: list[str]) -> list[str]:
+        bad = [name for name in names if not _VARIABLE_NAME.match(name)]
+        if bad:
+            # The likeliest mistake is pasting the secret itself, which must not stay in a config.
+            raise ValueError(
+                f"secret_variables lists environment variable names (letters, digits, '_'), "
+                f"never their values; {len(bad)} entr{'y is' if len(bad) == 1 else 'ies are'} not a name"
+            )
+        return names
 
     @field_validator("name")
     @classmethod
@@ -183,6 +202,8 @@ def load_stage_config(
 ) -> C:
     """Load a stage config; ``run.name`` defaults to the config file's stem."""
     config = load_config(config_type, path, overrides)
+    # From here on: an error the CLI prints about this config is already redacted.
+    declare_secret_variables(config.run.secret_variables)
     if not config.run.name:
         config.run.name = Path(path).stem if path is not None else "default"
     return config
@@ -206,6 +227,8 @@ def run_stage(
     command: Sequence[str] | None = None,
 ) -> StageResult:
     """Run ``stage`` with ``config`` in its run directory, or skip it if already complete."""
+    # Again here for configs built in code rather than loaded (tests, benchmarks, the pipeline).
+    declare_secret_variables(config.run.secret_variables)
     main = is_main_process()
     run_dir = run_directory(stage.name, config, stage.step)
     inputs = _resolve_inputs(stage, config)

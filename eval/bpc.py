@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,32 +29,49 @@ from eval.model import Batcher, LoadedModel
 
 
 def read_texts(paths: Sequence[Path], max_documents: int | None) -> tuple[list[str], int]:
-    """Non-empty documents from .jsonl/.jsonl.gz (``text`` field) or .txt files; and the count of unreadable lines."""
+    """Non-empty documents from .jsonl/.jsonl.gz (``text`` field) or .txt files; and the count of
+    what could not be read: lines (not UTF-8, not JSON, no text), .txt files that are not UTF-8,
+    and damaged .gz files (whose documents before the damage are kept)."""
     texts: list[str] = []
     malformed = 0
     for path in map(Path, paths):
+        documents: list[str] = []
         if path.suffix == ".txt":
-            documents = [path.read_text(encoding="utf-8")]
+            try:
+                documents.append(path.read_text(encoding="utf-8"))
+            except UnicodeDecodeError:
+                malformed += 1
         elif path.name.endswith((".jsonl", ".jsonl.gz")):
             opener = gzip.open if path.suffix == ".gz" else open
-            documents = []
-            with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
-                for line in handle:
-                    try:
-                        text = json.loads(line).get("text")
-                    except (json.JSONDecodeError, AttributeError):
-                        malformed += 1
-                        continue
-                    if isinstance(text, str):
-                        documents.append(text)
-                    else:
-                        malformed += 1
+            try:
+                with opener(path, "rb") as handle:
+                    for raw in handle:
+                        text = _document_text(raw)
+                        if text is None:
+                            malformed += 1
+                        else:
+                            documents.append(text)
+            except (OSError, EOFError, zlib.error):
+                malformed += 1  # truncated or corrupt: the documents before the damage count
         else:
             raise KinoeError(f"bpc.texts: {path} is not .txt, .jsonl or .jsonl.gz")
         texts.extend(text for text in documents if text.strip())
         if max_documents is not None and len(texts) >= max_documents:
             return texts[:max_documents], malformed
     return texts, malformed
+
+
+def _document_text(raw: bytes) -> str | None:
+    """The ``text`` of a JSON line, or None when the line is not UTF-8 JSON with a string text.
+
+    Strict UTF-8: replacing undecodable bytes would score mojibake (a Shift_JIS file) as text.
+    """
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    text = record.get("text") if isinstance(record, dict) else None
+    return text if isinstance(text, str) else None
 
 
 def windows(count: int, width: int, stride: int) -> list[tuple[int, int, int]]:

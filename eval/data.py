@@ -23,6 +23,10 @@ from eval.tasks.base import Sample, Task
 from eval.tasks.readers import Read, Record
 
 TRAIN_SHARE = 0.9
+# An example longer than this (question, context and choices, in characters) is malformed: no
+# model's context holds it, so its prompt would lose the instruction and the few-shot examples
+# to truncation, and merely tokenizing a 50 MB record takes seconds and gigabytes.
+MAX_EXAMPLE_CHARACTERS = 1_000_000
 JGLUE_TAG = "v1.3.0"
 JGLUE_BASE_URL = f"https://raw.githubusercontent.com/yahoojapan/JGLUE/{JGLUE_TAG}/datasets"
 DOWNLOAD_FIRST = "run `kinoe eval download --to <folder>` and set jglue_dir=<folder>"
@@ -148,7 +152,13 @@ def render_records(
             reason = f"no field {error}" if isinstance(error, KeyError) else str(error)
             malformed.append(f"{record.origin}: {reason}")
             continue
-        if not sample.output:
+        size = len(sample.input) + len(sample.output) + sum(map(len, sample.choices))
+        if size > MAX_EXAMPLE_CHARACTERS:
+            malformed.append(
+                f"{record.origin}: {size:,} characters, more than an example may have "
+                f"({MAX_EXAMPLE_CHARACTERS:,}: no model's context holds it)"
+            )
+        elif not sample.output:
             malformed.append(f"{record.origin}: empty gold answer")
         elif sample.choices and sample.output not in sample.choices:
             malformed.append(

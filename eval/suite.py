@@ -229,7 +229,20 @@ def _bpc(config: EvalConfig, loaded: LoadedModel, logger: logging.Logger) -> dic
 
     texts, malformed = read_texts(config.bpc.texts, config.bpc.max_documents)
     if malformed:
-        logger.warning("bpc: %s unreadable lines in bpc.texts were skipped", malformed)
+        logger.warning(
+            "bpc: %s unreadable lines or damaged files in bpc.texts were skipped", malformed
+        )
+    if not texts:
+        logger.warning("bpc: no readable document in bpc.texts; task skipped")
+        return {
+            "task": BPC_TASK,
+            "scoring": "bpc",
+            "source": ", ".join(str(p) for p in config.bpc.texts),
+            "split": "held-out text",
+            "skipped": f"no readable document ({malformed} unreadable)",
+            "metrics": {},
+            "figures": {"unreadable_lines": malformed},
+        }
     prepared = prepare_windows(loaded, texts, config.bpc.stride)
     batcher = Batcher(config.batch_size, config.max_batch_size, logger)
     with Progress("bpc", total=len(prepared.rows), unit="windows") as progress:

@@ -8,14 +8,17 @@ and ``main(args) -> int``; its one-line help lives in ``COMMANDS``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.metadata
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from common.errors import KinoeError
 from common.logs import setup_logging
-from common.secrets import redact
+from common.secrets import forget_declared_secret_variables, redact
 
 # name -> (module, one-line help); a command is listed here only once its stage exists.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -74,11 +77,29 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# A folder where this process leaves its exit code: torchrun turns every non-zero exit of its
+# trainers into its own exit 1, so launch/slurm/torchrun.sh sets this and reads the codes back
+# to exit 75 when every trainer stopped at a checkpoint (docs/cluster.md, "Exit codes").
+EXIT_CODE_DIR = "KINOE_EXIT_CODE_DIR"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kinoe`` console script."""
+    code = _run(argv)
+    folder = os.environ.get(EXIT_CODE_DIR)
+    if folder:
+        # Advisory: without the record the script exits with torchrun's own code.
+        with contextlib.suppress(OSError):
+            Path(folder, f"rank{os.environ.get('RANK', '0')}").write_text(f"{code}\n")
+    return code
+
+
+def _run(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    # Each command redacts what its own configs declare (main may run many times in a process).
+    forget_declared_secret_variables()
     setup_logging(None)
     module = importlib.import_module(COMMANDS[args.command][0])
     try:

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,35 @@ def kinoe(tmp_path):
         return subprocess.CompletedProcess(
             ["kinoe", *args], code, stdout.getvalue(), stderr.getvalue()
         )
+
+    return run
+
+
+@dataclass
+class Outcome:
+    """What a user of ``kinoe ...`` sees: the exit code, stderr, and its ``error:`` lines."""
+
+    returncode: int
+    stderr: str
+
+    @property
+    def errors(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if "error:" in line]
+
+
+@pytest.fixture
+def kinoe_in_process(capsys):
+    """Run ``kinoe ARGS`` in this process (``launch.cli.main``), far cheaper than a subprocess.
+
+    An exception that escapes is our bug and fails the test with its traceback, as it would
+    print one for the user.
+    """
+    from launch.cli import main
+
+    def run(*args: str) -> Outcome:
+        capsys.readouterr()
+        code = main([str(arg) for arg in args])
+        return Outcome(code, capsys.readouterr().err)
 
     return run
 

@@ -14,10 +14,12 @@ import logging
 import math
 import shutil
 import threading
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from common.errors import ConfigError, KinoeError
 from common.run import load_stage_config, run_stage
@@ -668,3 +670,153 @@ def test_download_checks_pinned_hashes(tmp_path):
         assert not (tmp_path / "jglue" / "jsts-valid.json").exists()
     finally:
         server.shutdown()
+
+
+# ---------------------------------------------------------------- bad input: what the user sees
+#
+# The same matrix as tests/test_tokenizer_stage.py for `kinoe eval run` (docs/reliability.md,
+# "Bad input"): one `error:` line and a non-zero exit code, or a run that completes and counts,
+# one line each, the records it left out, evaluating every good one.
+
+GOOD_QUESTIONS = 6
+
+
+def good_questions() -> list[bytes]:
+    """The first JCommonsenseQA validation questions, as the lines of a JGLUE file."""
+    lines = (JGLUE / "jcommonsenseqa-valid.json").read_bytes().splitlines(keepends=True)
+    return lines[:GOOD_QUESTIONS]
+
+
+def question_with(**fields) -> bytes:
+    record = {**json.loads(good_questions()[0]), "q_id": 99_999, **fields}
+    return json.dumps(record, ensure_ascii=False).encode() + b"\n"
+
+
+def among_good(*bad: bytes) -> bytes:
+    good = good_questions()
+    return b"".join(good[:3] + list(bad) + good[3:])
+
+
+def truncated_texts(held_out: Path) -> bytes:
+    packed = gzip.compress(held_out.read_bytes())
+    return packed[: len(packed) // 2]
+
+
+# name -> (the file's bytes from the held-out texts, which file it is, the config's changes,
+# expected: exit code and the error's words, or (records evaluated, left out, their words))
+EVAL_MATRIX = {
+    "empty file": (lambda held_out: b"", "test", {}, (0, 0, "")),
+    "invalid UTF-8": (
+        lambda held_out: among_good(
+            question_with(question="caf\xe9").replace(b"caf\xc3\xa9", b"caf\xe9")
+        ),
+        "test",
+        {},
+        (GOOD_QUESTIONS, 1, "not UTF-8"),
+    ),
+    "Shift_JIS file": (
+        lambda held_out: b"".join(good_questions()).decode().encode("cp932", "replace"),
+        "test",
+        {},
+        (0, GOOD_QUESTIONS, "reads as Shift_JIS: convert the file"),
+    ),
+    "truncated .gz": (truncated_texts, "bpc", {"tasks": ["bpc"]}, None),
+    "malformed record": (
+        lambda held_out: among_good('{"q_id": 7, "question": "途中で切れ\n'.encode()),
+        "test",
+        {},
+        (GOOD_QUESTIONS, 1, "not JSON"),
+    ),
+    "wrong field type": (
+        lambda held_out: among_good(question_with(label=[1])),
+        "test",
+        {},
+        (GOOD_QUESTIONS, 1, "not 'list'"),
+    ),
+    "50 MB record": (
+        lambda held_out: among_good(question_with(question="問" * (50 * 2**20 // 3))),
+        "test",
+        {},
+        (GOOD_QUESTIONS, 1, "characters, more than an example may have"),
+    ),
+    "missing file": (
+        lambda held_out: None,
+        "test",
+        {},
+        (1, "jcommonsenseqa-valid.json does not exist"),
+    ),
+    "number as a string": (
+        lambda held_out: b"".join(good_questions()),
+        "test",
+        {"limit": "5"},
+        (2, "limit must be an integer, not the string '5'"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(EVAL_MATRIX))
+def test_bad_input_to_eval_run(case, random_model_dir, held_out, tmp_path, kinoe_in_process):
+    if not JGLUE.is_dir():
+        pytest.skip(f"{JGLUE} is absent")
+    contents, which, changes, expected = EVAL_MATRIX[case]
+    data = contents(held_out)
+    jglue = tmp_path / "jglue"
+    jglue.mkdir()
+    texts = tmp_path / "held_out.jsonl.gz"
+    if data is not None:
+        (texts if which == "bpc" else jglue / "jcommonsenseqa-valid.json").write_bytes(data)
+    config = tmp_path / "bad.yaml"
+    settings = {
+        "run": {"root": str(tmp_path / "runs")},
+        "model": str(random_model_dir),
+        "device": "cpu",
+        "dtype": "float32",
+        "batch_size": 4,
+        "jglue_dir": str(jglue),
+        "tasks": ["jcommonsenseqa"],
+        "scoring": ["loglik"],
+        "task_shots": {"jcommonsenseqa": 0},
+        "bpc": {"texts": [str(texts)]},
+        **changes,
+    }
+    config.write_text(yaml.safe_dump(settings, allow_unicode=True))
+    outcome = kinoe_in_process("eval", "run", "-c", config)
+    if expected is not None and len(expected) == 2:
+        code, words = expected
+        assert outcome.returncode == code and len(outcome.errors) == 1, outcome.stderr
+        assert words in outcome.errors[0], outcome.errors[0]
+        return
+    assert outcome.returncode == 0 and not outcome.errors, outcome.stderr
+    [result] = json.loads((tmp_path / "runs/eval/bad/run/report.json").read_text())["results"]
+    if which == "bpc":
+        # Every document before the damage is scored; the damaged rest is counted once.
+        complete_lines = zlib.decompressobj(31).decompress(data).count(b"\n")
+        assert result["examples"] == complete_lines > 0
+        assert result["figures"]["unreadable_lines"] == 1
+        assert "damaged files in bpc.texts were skipped" in outcome.stderr
+        return
+    evaluated, left_out, words = expected
+    assert result["malformed"] == left_out
+    assert all(words in line for line in result["malformed_records"]), result["malformed_records"]
+    if evaluated:
+        assert result["examples"] == evaluated and not result.get("skipped")
+    else:
+        assert result["skipped"] == f"no valid record ({left_out} malformed)"
+        assert "no valid record in test" in outcome.stderr
+    if left_out:
+        assert "skipped a malformed record" in outcome.stderr
+
+
+def test_bpc_texts_that_cannot_be_read_are_counted(held_out, tmp_path):
+    from eval.bpc import read_texts
+
+    good = [json.loads(line)["text"] for line in held_out.read_text().splitlines()[:3]]
+    sjis = tmp_path / "novel.txt"
+    sjis.write_bytes(good[0].encode("cp932", "replace"))  # a .txt that is not UTF-8: skipped whole
+    mixed = tmp_path / "mixed.jsonl"
+    lines = [json.dumps({"text": text}, ensure_ascii=False).encode() for text in good]
+    # Not UTF-8 (never scored as replacement characters), not JSON, text not a string.
+    bad = [good[1].encode("cp932", "replace"), b'{"text": "cut', b'{"text": 5}']
+    mixed.write_bytes(b"\n".join(lines[:2] + bad + lines[2:]) + b"\n")
+    texts, unreadable = read_texts([sjis, mixed], None)
+    assert texts == good and unreadable == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -68,11 +69,21 @@ def launch(
     *overrides: str,
     wait: bool = True,
     stage: tuple[str, ...] = ("pretrain",),
+    agent_script: bool = False,
 ):
-    """``torchrun --standalone --nproc_per_node N kinoe <stage> -c config``, as users run it."""
+    """``torchrun --standalone --nproc_per_node N kinoe <stage> -c config``, as users run it;
+    with ``agent_script``, through launch/slurm/torchrun.sh as train.sbatch runs it on each node."""
     command = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", str(KINOE)]
     command += [*stage, "-c", str(config), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    if agent_script:
+        command = ["bash", str(REPO / "launch" / "slurm" / "torchrun.sh"), " ".join(stage)]
+        command += [str(config), *overrides]
+        env = {k: v for k, v in env.items() if not k.startswith(("SLURM_", "KINOE_"))}
+        # Appended: .venv/bin's ninja differs from the system's and would make DeepSpeed
+        # rebuild its CPU op (see tests/test_launch_slurm.py).
+        env["PATH"] = f"{os.environ['PATH']}:{KINOE.parent}"
+        env["KINOE_NPROC_PER_NODE"] = str(nproc)
     process = subprocess.Popen(
         command,
         cwd=REPO,
@@ -153,6 +164,26 @@ def wait_for_steps(config: Path, steps: int, process: subprocess.Popen, timeout:
     pytest.fail(f"no step {steps} within {timeout} s")
 
 
+def signal_every_process(root: int, number: int) -> None:
+    """Send ``number`` to ``root`` and all its descendants, as SLURM signals every process of a
+    job step (torchrun starts its trainers in sessions of their own, out of a killpg's reach)."""
+    parents = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError, IndexError):
+            continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier += children
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, number)
+
+
 def test_sigterm_then_resume_reproduces_the_uninterrupted_run(shards, tmp_path):
     sections = {
         "train": {"steps": 30, "global_batch_size": 8, "micro_batch_size": 2},
@@ -163,11 +194,14 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(shards, tmp_path):
     interrupted = write_config(tmp_path / "b", shards, "interrupted", **sections)
     assert launch(straight, 2).returncode == 0
 
-    process = launch(interrupted, 2, wait=False)
+    # Through torchrun.sh, the agent of every SLURM job: torchrun itself would exit 1 for
+    # trainers that exited 75, the script exits 75 (stopped, resumable) as a single process does.
+    process = launch(interrupted, 2, wait=False, agent_script=True)
     wait_for_steps(interrupted, 8, process)
-    os.killpg(process.pid, signal.SIGTERM)  # as SLURM signals every process of the job
+    signal_every_process(process.pid, signal.SIGTERM)
     output, _ = process.communicate(timeout=300)
-    assert process.returncode != 0, output[-3000:]
+    assert process.returncode == 75, output[-3000:]
+    assert "every trainer here stopped at a checkpoint (exit 75; torchrun exited 1)" in output
     stopped_at = len(metrics(interrupted))
     assert 8 <= stopped_at < 30, output[-3000:]
     assert read_manifest(run_dir(interrupted)).status == "stopped"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from common.config import Config
-from common.errors import KinoeError
+from common.errors import ConfigError, KinoeError
 from common.manifest import FileRecord, hash_tree, read_manifest
 from common.progress import track
 from common.run import (
@@ -242,6 +242,48 @@ def test_secrets_never_reach_manifest_config_or_log(config_file, tmp_path, monke
     manifest = (result.run_dir / "manifest.json").read_text()
     assert "<redacted:WANDB_API_KEY>" in manifest and "<redacted:SLACK_WEBHOOK_URL>" in manifest
     assert "<redacted:TRACKER_URL>" in manifest and "https://docs.example.org/kinoe" in manifest
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_secret_variables_are_redacted_whatever_their_name(declared, tmp_path, monkeypatch, capsys):
+    """A variable no name pattern catches is a secret once run.secret_variables lists it."""
+    from launch.cli import main
+
+    value = secrets.token_hex(12)
+    monkeypatch.setenv("TEAM_BUCKET_SUFFIX", value)
+    # The value inside a path: the error line, the manifest, config.yaml and the log name it.
+    bucket = tmp_path / f"bucket-{value}"
+    documents = bucket / "documents"
+    documents.mkdir(parents=True)
+    config = tmp_path / "tok.yaml"
+    listed = ["TEAM_BUCKET_SUFFIX"] if declared else []
+    config.write_text(
+        f"run: {{root: {bucket / 'runs'}, secret_variables: {listed}}}\n"
+        f"sample: {{documents: {documents}}}\n"
+    )
+    assert main(["tokenizer", "train", "-c", str(config)]) == 1
+    stderr = capsys.readouterr().err
+    [line] = [line for line in stderr.splitlines() if "error:" in line]
+    run_dir = bucket / "runs" / "tokenizer" / "tok" / "train"
+    written = {
+        "console": line,
+        "manifest": (run_dir / "manifest.json").read_text(),
+        "config.yaml": (run_dir / "config.yaml").read_text(),
+        "log": (run_dir / "logs" / "tokenizer.log").read_text(),
+    }
+    assert "no documents" in line and "no documents" in written["manifest"]
+    for where, text in written.items():
+        if declared:
+            assert value not in text and "<redacted:TEAM_BUCKET_SUFFIX>" in text, where
+        else:
+            assert value in text, where  # no pattern catches the name: only the list does
+
+
+def test_secret_variables_take_names_not_values(config_file):
+    pasted = "sk-" + secrets.token_hex(16)  # a key pasted where its variable's name belongs
+    with pytest.raises(ConfigError) as refused:
+        load_stage_config(CountConfig, config_file, [f"run.secret_variables=[{pasted}]"])
+    assert "never their values" in str(refused.value) and pasted not in str(refused.value)
 
 
 def test_concurrent_run_of_same_directory_is_refused(config_file, tmp_path):

@@ -13,6 +13,7 @@ import sentencepiece as spm
 import yaml
 
 from common.errors import ConfigError, KinoeError
+from common.manifest import read_manifest
 from common.run import load_stage_config, run_stage
 from data_prep.aozora import clean_aozora
 from data_prep.normalise import normalise_text
@@ -269,3 +270,146 @@ def test_quickstart_commands_chain(kinoe, tmp_path):
     # The bundled conversations are all valid: every line becomes a sequence.
     instructions = manifest["summary"]["conversations"]["instructions"]
     assert instructions["read"] == instructions["encoded"] == 43 and not instructions["rejected"]
+
+
+# ---------------------------------------------------------------- bad input: what the user sees
+#
+# One row per kind of bad input (docs/reliability.md, "Bad input"): the command either ends
+# with one `error:` line and a non-zero exit code, or finishes and counts what it left out by
+# reason, keeping every good record. tests/test_eval.py has the same matrix for `kinoe eval`.
+
+GOOD = 1000  # real Wikipedia leads, about 61,000 characters: all fit the budget below
+
+
+@pytest.fixture(scope="module")
+def leads() -> list[dict]:
+    """The first Wikipedia leads as data_prep documents (source wikipedia)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} is absent (see ../shared/data/SOURCES.md)")
+    with gzip.open(SHARED_DATA / "corpus" / "wikipedia_ja_leads.jsonl.gz", "rt") as handle:
+        records = [json.loads(line) for _, line in zip(range(GOOD), handle, strict=False)]
+    return [
+        {"id": r["id"], "text": r["text"], "source": "wikipedia", "metadata": {}} for r in records
+    ]
+
+
+def jsonl(records: list) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+
+
+def with_bad_lines(leads: list[dict], *bad: bytes) -> dict[str, bytes]:
+    """The good file with ``bad`` lines in its middle."""
+    good = jsonl(leads).splitlines(keepends=True)
+    return {"good.jsonl": b"".join(good[: GOOD // 2] + list(bad) + good[GOOD // 2 :])}
+
+
+def truncated_gz(leads: list[dict]) -> dict[str, bytes]:
+    other = [{**lead, "id": f"other-{lead['id']}", "source": "other"} for lead in leads[:300]]
+    packed = gzip.compress(jsonl(other))
+    return {"good.jsonl": jsonl(leads), "other.jsonl.gz": packed[: len(packed) // 2]}
+
+
+def fifty_mb_record(leads: list[dict]) -> dict[str, bytes]:
+    text = "".join(lead["text"] for lead in leads)
+    text *= 50 * 2**20 // len(text.encode()) + 1
+    # Not held out (held-out documents are kept whole for the report): this row is about the sample.
+    assert not is_held_out("huge", 1234, 0.01)
+    huge = {"id": "huge", "text": text, "source": "other", "metadata": {}}
+    return {"good.jsonl": jsonl(leads), "huge.jsonl": jsonl([huge])}
+
+
+def shift_jis(leads: list[dict]) -> dict[str, bytes]:
+    others = [{**lead, "source": "other"} for lead in leads[:3]]
+    return {
+        "good.jsonl": jsonl(leads),
+        "sjis.jsonl": jsonl(others).decode().encode("cp932", "replace"),
+    }
+
+
+# name -> (files of the documents folder, config changes, expected: exit code and the error's
+# words, or the records left out by reason)
+TOKENIZER_MATRIX = {
+    "empty file": (
+        lambda leads: {"empty.jsonl": b""},
+        {},
+        (1, "no text for sources other, wikipedia under"),
+    ),
+    "invalid UTF-8": (
+        lambda leads: with_bad_lines(
+            leads, b'{"id": "x", "text": "caf\xe9", "source": "wikipedia"}\n'
+        ),
+        {},
+        {"invalid_utf8": 1},
+    ),
+    "Shift_JIS file": (shift_jis, {}, {"invalid_utf8": 3}),
+    "truncated .gz": (truncated_gz, {}, {"corrupt_file": 1}),
+    "malformed record": (
+        lambda leads: with_bad_lines(leads, '{"id": "cut", "text": "途中で切れ\n'.encode()),
+        {},
+        {"malformed_json": 1},
+    ),
+    "wrong field type": (
+        lambda leads: with_bad_lines(
+            leads, b'{"id": "n", "text": 42, "source": "wikipedia"}\n', b"[1, 2]\n"
+        ),
+        {},
+        {"text_not_a_string": 1, "not_an_object": 1},
+    ),
+    "50 MB record": (fifty_mb_record, {}, {}),
+    "missing file": (lambda leads: {}, {"documents": "nowhere"}, (1, "input sample.documents = ")),
+    "number as a string": (
+        lambda leads: {"good.jsonl": jsonl(leads)},
+        {"character_budget": "130000"},
+        (
+            2,
+            "'sample.character_budget': character_budget must be an integer, not the string '130000'",
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(TOKENIZER_MATRIX))
+def test_bad_input_to_tokenizer_train(case, leads, tmp_path, kinoe_in_process):
+    files, sample_changes, expected = TOKENIZER_MATRIX[case]
+    documents = tmp_path / "documents"
+    documents.mkdir()
+    for name, data in files(leads).items():
+        (documents / name).write_bytes(data)
+    sample = {
+        "documents": str(documents),
+        "weights": {"wikipedia": 1.0, "other": 1.0},
+        "character_budget": 130_000,  # 65,000 per source: every good lead, and a cap on the rest
+        "held_out_max_documents": 10,
+    }
+    sample.update(
+        {k: (str(tmp_path / v) if k == "documents" else v) for k, v in sample_changes.items()}
+    )
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"root": str(tmp_path / "runs")},
+                "sample": sample,
+                "trainer": {"vocab_size": 1536, "character_coverage": 0.98, "num_threads": 1},
+            }
+        )
+    )
+    outcome = kinoe_in_process("tokenizer", "train", "-c", config)
+    manifest = read_manifest(tmp_path / "runs" / "tokenizer" / "bad" / "train")
+    if isinstance(expected, tuple):
+        code, words = expected
+        assert outcome.returncode == code and len(outcome.errors) == 1, outcome.stderr
+        assert words in outcome.errors[0], outcome.errors[0]
+        return
+    assert outcome.returncode == 0 and not outcome.errors, outcome.stderr
+    summary = manifest.summary["sample"]
+    assert summary["rejected"] == expected
+    for reason in expected:
+        assert f"records left out of the sample ({reason})" in outcome.stderr
+    # Every good record is in the sample or held out: nothing accepted was lost.
+    assert summary["documents"]["wikipedia"] + summary["held_out"].get("wikipedia", 0) == GOOD
+    if case == "truncated .gz":  # what was read before the damage is kept
+        assert summary["documents"]["other"] + summary["held_out"].get("other", 0) > 0
+    if case == "50 MB record":  # one document, read only as far as its source's budget
+        assert summary["documents"]["other"] == 1
+        assert 65_000 <= summary["characters"]["other"] < 65_000 + 4192

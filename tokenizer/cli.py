@@ -79,6 +79,13 @@ def train_step(context: StageContext[TokenizerConfig]) -> dict[str, Any]:
         context.logger.warning(
             "tokenizer: source %s had %s characters fewer than its budget", pool, f"{missing:,}"
         )
+    for reason, count in stats.rejected.items():
+        context.logger.warning(
+            "tokenizer: %s records left out of the sample (%s), the first at %s",
+            f"{count:,}",
+            reason,
+            stats.first_rejected[reason],
+        )
     context.logger.info(
         "tokenizer: training %s, %s pieces, on %s characters in %s lines",
         config.trainer.model_type,
@@ -99,6 +106,8 @@ def train_step(context: StageContext[TokenizerConfig]) -> dict[str, Any]:
             "held_out": stats.held_out,
             "budgets": stats.budgets,
             "shortfalls": stats.shortfalls(),
+            "rejected": stats.rejected,
+            "first_rejected": stats.first_rejected,
         },
     }
     write_json_atomic(context.run_dir / "sample_stats.json", summary)

@@ -53,7 +53,8 @@ class TrainerConfig(Config):
 
     model_type: Literal["unigram", "bpe"] = "unigram"
     vocab_size: int = Field(65_024, ge=512, description="Pieces, a multiple of 128")
-    character_coverage: float = Field(0.9995, gt=0.9, le=1.0)
+    # SentencePiece itself refuses coverage below 0.98, with an error that names no config key.
+    character_coverage: float = Field(0.9995, ge=0.98, le=1.0)
     byte_fallback: bool = True
     split_digits: bool = True
     max_piece_length: int = Field(16, ge=1, le=64, description="Characters per piece at most")

@@ -6,6 +6,11 @@ is filled. A small hash-chosen share of documents is held out for the report ins
 Each document becomes lines split after sentence ends (。！？ and newlines), and a line that
 is still longer than SentencePiece's ``max_sentence_length`` (bytes) is cut at character
 boundaries, so the trainer never drops a line.
+
+A record that is not a document (invalid UTF-8, not JSON, not an object, no text or a text
+that is not a string) is left out and counted by reason, with where the first of each reason
+is; a truncated or corrupt file keeps the records read before the damage and counts
+``corrupt_file``. The run goes on with the rest, as ``kinoe data`` does with its input.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import hashlib
 import json
 import random
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +43,13 @@ class SampleStats:
     held_out: dict[str, int] = field(default_factory=dict)
     budgets: dict[str, int] = field(default_factory=dict)
     split_long_lines: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)  # records left out, by reason
+    first_rejected: dict[str, str] = field(default_factory=dict)  # reason -> "path:line"
+
+    def reject(self, reason: str, where: str) -> None:
+        """Count a record left out of the sample for ``reason``; remember the first ``where``."""
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        self.first_rejected.setdefault(reason, where)
 
     def shortfalls(self) -> dict[str, int]:
         """Characters each budget fell short by because the corpus had no more."""
@@ -65,28 +78,73 @@ def document_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_documents(path: Path) -> Iterator[dict]:
-    """Records of one shard in the documents contract: id, text, source, metadata."""
+def read_documents(path: Path, stats: SampleStats) -> Iterator[dict]:
+    """Records of one shard in the documents contract (id, text, source, metadata) whose text is a
+    string; every other record is counted in ``stats.rejected`` instead."""
     if path.name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        for batch in pq.ParquetFile(path).iter_batches(columns=["id", "text", "source"]):
-            yield from batch.to_pylist()
+        yield from _parquet_documents(path, stats)
         return
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle):
-            try:
-                yield json.loads(line)
-            except ValueError:
-                raise KinoeError(
-                    f"tokenizer: {path} line {number + 1} is not JSON; these must be data_prep documents"
-                ) from None
+    number = 0
+    try:
+        with opener(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                record, reason = _parse_document(raw)
+                if reason is None:
+                    yield record
+                else:
+                    stats.reject(reason, f"{path}:{number}")
+    except (OSError, EOFError, zlib.error) as error:
+        # A truncated or corrupt .gz: the records before the damage are kept, the rest counted.
+        stats.reject("corrupt_file", f"{path}:{number + 1} ({error})")
+
+
+def _parse_document(raw: bytes) -> tuple[dict, str | None]:
+    """The record on one line and None, or an empty dict and why the line is not a document."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return {}, "invalid_utf8"
+    if not line.strip():
+        return {}, "blank_line"
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting ([[[[...)
+        return {}, "malformed_json"
+    return record, _document_problem(record)
+
+
+def _document_problem(record: object) -> str | None:
+    if not isinstance(record, dict):
+        return "not_an_object"
+    if "text" not in record:
+        return "missing_text_field"
+    if not isinstance(record["text"], str):
+        return "text_not_a_string"
+    return None
+
+
+def _parquet_documents(path: Path, stats: SampleStats) -> Iterator[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    row = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(columns=["id", "text", "source"]):
+            for record in batch.to_pylist():
+                row += 1
+                reason = _document_problem(record)
+                if reason is None:
+                    yield record
+                else:
+                    stats.reject(reason, f"{path}:row {row}")
+    except (OSError, pa.ArrowException) as error:
+        stats.reject("corrupt_file", f"{path}:row {row + 1} ({error})")
 
 
 def training_lines(text: str, max_bytes: int) -> Iterator[str]:
     """Lines of ``text`` split after sentence ends, each at most ``max_bytes`` UTF-8 bytes."""
-    for piece in _SENTENCE_END.split(text):
+    for piece in _sentences(text):
         line = piece.strip()
         if not line:
             continue
@@ -98,6 +156,15 @@ def training_lines(text: str, max_bytes: int) -> Iterator[str]:
         step = max(1, max_bytes // 4)
         for start in range(0, len(line), step):
             yield line[start : start + step]
+
+
+def _sentences(text: str) -> Iterator[str]:
+    """``_SENTENCE_END.split(text)``, lazily: the sampler stops early in a 50 MB document."""
+    start = 0
+    for end in _SENTENCE_END.finditer(text):
+        yield text[start : end.start()]
+        start = end.end()
+    yield text[start:]
 
 
 def is_held_out(doc_id: str, seed: int, fraction: float) -> bool:
@@ -127,12 +194,12 @@ def write_sample(
         held_out_path.open("w", encoding="utf-8") as held_out,
     ):
         for path in files:
-            for record in read_documents(path):
+            for record in read_documents(path, stats):
                 source = str(record.get("source"))
                 pool = ALL_SOURCES if ALL_SOURCES in remaining else source
                 if pool not in remaining:
                     continue
-                text = record.get("text") or ""
+                text = record["text"]
                 if held < config.held_out_max_documents and is_held_out(
                     str(record.get("id")), config.seed, config.held_out_fraction
                 ):
@@ -154,6 +221,8 @@ def write_sample(
                     stats.characters[source] = stats.characters.get(source, 0) + len(line)
                     remaining[pool] -= len(line)
                     progress.update(len(line))
+                    if remaining[pool] <= 0:
+                        break  # one huge document must not blow the budget (and the trainer's memory)
                 stats.documents[source] = stats.documents.get(source, 0) + 1
             if (
                 all(value <= 0 for value in remaining.values())
@@ -162,8 +231,12 @@ def write_sample(
                 break
     progress.close()
     if not any(stats.characters.values()):
+        hint = "check sample.weights names against the documents' source field"
+        if stats.rejected:
+            left_out = ", ".join(f"{reason} {count}" for reason, count in stats.rejected.items())
+            first = next(iter(stats.first_rejected.values()))
+            hint = f"records left out: {left_out}, the first at {first}; {hint}, and that the files are data_prep documents (UTF-8 JSON lines)"
         raise KinoeError(
-            f"tokenizer: no text for sources {', '.join(weights)} under {config.documents}; "
-            "check sample.weights names against the documents' source field"
+            f"tokenizer: no text for sources {', '.join(weights)} under {config.documents}; {hint}"
         )
     return stats

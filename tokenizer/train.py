@@ -65,12 +65,18 @@ def train(config: TrainerConfig, input_path: Path, model_prefix: Path) -> dict[s
     try:
         spm.SentencePieceTrainer.train(**options)
     except RuntimeError as error:
-        # e.g. "Vocabulary size too high": the sample cannot support that many pieces.
         from common.errors import KinoeError
 
+        reason = str(error).strip().splitlines()[-1]
+        # "Vocabulary size is smaller than required_chars": every character the coverage keeps
+        # needs a piece. Otherwise (e.g. "Vocabulary size too high") the sample is too small.
+        fix = (
+            "raise trainer.vocab_size or lower trainer.character_coverage (0.98 at least)"
+            if "required_chars" in reason
+            else "raise sample.character_budget or lower trainer.vocab_size"
+        )
         raise KinoeError(
-            f"tokenizer train: SentencePiece refused the sample ({str(error).strip().splitlines()[-1]}); "
-            "raise sample.character_budget or lower trainer.vocab_size"
+            f"tokenizer train: SentencePiece refused the sample ({reason}); {fix}"
         ) from None
     if config.model_type == "unigram":
         _round_scores(model_prefix)

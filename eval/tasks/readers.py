@@ -11,6 +11,7 @@ one element per record (NIILC, JSeM).
 from __future__ import annotations
 
 import bisect
+import codecs
 import csv
 import json
 import re
@@ -47,24 +48,52 @@ Reader = Callable[[Path], Read]
 
 
 def _text(path: Path, read: Read) -> str | None:
+    """The whole file as text, for formats that cannot be read line by line."""
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
-        read.malformed.append(f"{path}: not UTF-8 (byte {error.start}); the file was skipped")
+        hint = _encoding_hint(path.read_bytes())
+        read.malformed.append(f"{path}: not UTF-8 (byte {error.start}){hint}; the file was skipped")
         return None
+
+
+def _lines(path: Path, read: Read) -> list[tuple[int, str]]:
+    """The file's lines numbered from 1, each decoded on its own: a line that is not UTF-8 is one
+    malformed record, and the lines around it are still read."""
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    lines = []
+    # bytes.splitlines breaks only at \n and \r: a U+2028 inside a JSON string stays in its line.
+    for number, raw in enumerate(data.splitlines(), start=1):
+        try:
+            lines.append((number, raw.decode("utf-8")))
+        except UnicodeDecodeError as error:
+            hint = _encoding_hint(raw)
+            read.malformed.append(f"{path}:{number}: not UTF-8 (byte {error.start}){hint}")
+    return lines
+
+
+def _encoding_hint(data: bytes) -> str:
+    """What undecodable bytes probably are: Japanese files that are not UTF-8 are Shift_JIS."""
+    try:
+        data.decode("cp932")
+    except UnicodeDecodeError:
+        return ""
+    return " but reads as Shift_JIS: convert the file (iconv -f cp932 -t utf-8)"
 
 
 def read_json_lines(path: Path) -> Read:
     """One JSON object per line (JGLUE's format for all but JSQuAD)."""
     read = Read()
-    text = _text(path, read)
-    for number, line in enumerate((text or "").splitlines(), start=1):
+    for number, line in _lines(path, read):
         if not line.strip():
             continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as error:
             read.malformed.append(f"{path}:{number}: not JSON ({error.msg})")
+            continue
+        except RecursionError:
+            read.malformed.append(f"{path}:{number}: not JSON (nested too deeply)")
             continue
         if not isinstance(value, dict):
             read.malformed.append(f"{path}:{number}: not a JSON object")
@@ -178,12 +207,13 @@ def csv_reader(columns: Sequence[str]) -> Reader:
 def read_tsv(path: Path) -> Read:
     """Tab-separated values with a header row; fields are taken as written (no quoting)."""
     read = Read()
-    text = _text(path, read)
-    lines = (text or "").splitlines()
-    if not lines:
+    lines = _lines(path, read)
+    if not lines or lines[0][0] != 1:  # no header, or a header that is not UTF-8
+        if lines:
+            read.malformed.append(f"{path}: no readable header row; the file was skipped")
         return read
-    header = lines[0].split("\t")
-    for number, line in enumerate(lines[1:], start=2):
+    header = lines[0][1].split("\t")
+    for number, line in lines[1:]:
         if not line.strip():
             continue
         cells = line.split("\t")
