@@ -11,7 +11,6 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -72,6 +71,7 @@ def kinoe(tmp_path):
         cwd: Path | None = None,
         process: bool = False,
     ):
+        args = tuple(str(arg) for arg in args)  # paths welcome, as on a command line
         settings = {"KINOE_RUN_ROOT": str(tmp_path / "runs"), **(env or {})}
         if process:
             return subprocess.run(
@@ -106,33 +106,9 @@ def kinoe(tmp_path):
     return run
 
 
-@dataclass
-class Outcome:
-    """What a user of ``kinoe ...`` sees: the exit code, stderr, and its ``error:`` lines."""
-
-    returncode: int
-    stderr: str
-
-    @property
-    def errors(self) -> list[str]:
-        return [line for line in self.stderr.splitlines() if "error:" in line]
-
-
-@pytest.fixture
-def kinoe_in_process(capsys):
-    """Run ``kinoe ARGS`` in this process (``launch.cli.main``), far cheaper than a subprocess.
-
-    An exception that escapes is our bug and fails the test with its traceback, as it would
-    print one for the user.
-    """
-    from launch.cli import main
-
-    def run(*args: str) -> Outcome:
-        capsys.readouterr()
-        code = main([str(arg) for arg in args])
-        return Outcome(code, capsys.readouterr().err)
-
-    return run
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    """The ``error:`` lines of a command's stderr (one, for a refusal)."""
+    return [line for line in result.stderr.splitlines() if "error:" in line]
 
 
 @pytest.fixture(scope="session")

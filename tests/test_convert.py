@@ -37,7 +37,7 @@ from tokenizer.hf_export import export_hf_tokenizer
 from training.checkpoint import TrainerState
 from training.digests import file_digest
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, error_lines
 
 TEXT = SHARED_DATA / "corpus" / "wikipedia_ja_leads.jsonl.gz"
 PRESETS = {"mistral": "tiny", "mixtral": "mixtral_tiny"}
@@ -105,10 +105,6 @@ def kinoe_convert(tmp_path: Path, step: str, config: ConvertConfig, *overrides: 
     return subprocess.CompletedProcess(
         ["kinoe", *arguments], code, stdout.getvalue(), stderr.getvalue()
     )
-
-
-def error_lines(result: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in result.stderr.splitlines() if "error:" in line]
 
 
 def documents(tokenizer, count: int = 4, length: int = 96) -> list[list[int]]:

@@ -43,7 +43,7 @@ from eval.tasks import REGISTRY
 from eval.tasks.base import few_shot_header, prompt
 from launch.cli import build_parser
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, error_lines
 from wandb_records import offline_runs, records_of
 
 JGLUE = SHARED_DATA / "eval" / "jglue"
@@ -507,10 +507,6 @@ def test_a_model_off_its_device_is_refused(tmp_path, caplog):
 # ---------------------------------------------------------------- the command, end to end
 
 
-def error_lines(result) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.startswith("kinoe eval")]
-
-
 def test_eval_run_end_to_end_on_real_jglue(kinoe, kinoe_model_dir, held_out, tmp_path):
     if not JGLUE.is_dir():
         pytest.skip(f"{JGLUE} is absent")
@@ -755,7 +751,7 @@ EVAL_MATRIX = {
 
 
 @pytest.mark.parametrize("case", list(EVAL_MATRIX))
-def test_bad_input_to_eval_run(case, random_model_dir, held_out, tmp_path, kinoe_in_process):
+def test_bad_input_to_eval_run(case, random_model_dir, held_out, tmp_path, kinoe):
     if not JGLUE.is_dir():
         pytest.skip(f"{JGLUE} is absent")
     contents, which, changes, expected = EVAL_MATRIX[case]
@@ -780,13 +776,13 @@ def test_bad_input_to_eval_run(case, random_model_dir, held_out, tmp_path, kinoe
         **changes,
     }
     config.write_text(yaml.safe_dump(settings, allow_unicode=True))
-    outcome = kinoe_in_process("eval", "run", "-c", config)
+    outcome = kinoe("eval", "run", "-c", config)
     if expected is not None and len(expected) == 2:
         code, words = expected
-        assert outcome.returncode == code and len(outcome.errors) == 1, outcome.stderr
-        assert words in outcome.errors[0], outcome.errors[0]
+        assert outcome.returncode == code and len(error_lines(outcome)) == 1, outcome.stderr
+        assert words in error_lines(outcome)[0], error_lines(outcome)[0]
         return
-    assert outcome.returncode == 0 and not outcome.errors, outcome.stderr
+    assert outcome.returncode == 0 and not error_lines(outcome), outcome.stderr
     [result] = json.loads((tmp_path / "runs/eval/bad/run/report.json").read_text())["results"]
     if which == "bpc":
         # Every document before the damage is scored; the damaged rest is counted once.

@@ -24,7 +24,7 @@ from tokenizer.config import SampleConfig, TokenizerConfig
 from tokenizer.indexed import open_shard_set, tokenizer_sha256
 from tokenizer.sample import is_held_out, training_lines, write_sample
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, error_lines
 
 MISTRAL = SHARED_DATA / "tokenizers" / "mistral-7b-v0.1.model"
 LLM_JP = SHARED_DATA / "tokenizers" / "llm-jp-v2.2-50k.model"
@@ -369,7 +369,7 @@ TOKENIZER_MATRIX = {
 
 
 @pytest.mark.parametrize("case", list(TOKENIZER_MATRIX))
-def test_bad_input_to_tokenizer_train(case, leads, tmp_path, kinoe_in_process):
+def test_bad_input_to_tokenizer_train(case, leads, tmp_path, kinoe):
     files, sample_changes, expected = TOKENIZER_MATRIX[case]
     documents = tmp_path / "documents"
     documents.mkdir()
@@ -394,14 +394,14 @@ def test_bad_input_to_tokenizer_train(case, leads, tmp_path, kinoe_in_process):
             }
         )
     )
-    outcome = kinoe_in_process("tokenizer", "train", "-c", config)
+    outcome = kinoe("tokenizer", "train", "-c", config)
     manifest = read_manifest(tmp_path / "runs" / "tokenizer" / "bad" / "train")
     if isinstance(expected, tuple):
         code, words = expected
-        assert outcome.returncode == code and len(outcome.errors) == 1, outcome.stderr
-        assert words in outcome.errors[0], outcome.errors[0]
+        assert outcome.returncode == code and len(error_lines(outcome)) == 1, outcome.stderr
+        assert words in error_lines(outcome)[0], error_lines(outcome)[0]
         return
-    assert outcome.returncode == 0 and not outcome.errors, outcome.stderr
+    assert outcome.returncode == 0 and not error_lines(outcome), outcome.stderr
     summary = manifest.summary["sample"]
     assert summary["rejected"] == expected
     for reason in expected:
