@@ -10,6 +10,11 @@ from pathlib import Path
 from common.secrets import declared_secret_variables, redact, secret_values
 
 ROOT_LOGGER = "kinoe"
+# Libraries whose import-time warnings say nothing a kinoe user can act on: transformers
+# imports torchao (engine.fp8's float8) whenever it is installed, and torchao then reports
+# kernels built for GPUs it cannot load on a CPU machine, and torch a deprecation meant for
+# torchao's authors. Their errors still show.
+QUIETED_LOGGERS = ("torchao", "torch.utils._pytree")
 _FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 _CONSOLE_FORMAT = "%(asctime)s %(name)s: %(message)s"
 
@@ -51,6 +56,8 @@ def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> lo
 
     Calling it again replaces the handlers, so each stage run logs to its own file.
     """
+    for name in QUIETED_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     logger = logging.getLogger(ROOT_LOGGER)
     logger.setLevel(level)
     logger.propagate = False
