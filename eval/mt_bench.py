@@ -22,26 +22,25 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 import unicodedata
-import urllib.error
-import urllib.request
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.errors import KinoeError
 from common.progress import Progress
-from eval.config import EvalConfig, JudgeConfig, JudgeEndpointConfig
+from eval.config import EvalConfig
+
+if TYPE_CHECKING:  # httpx is imported only when judging, not to generate answers on GPU nodes
+    from eval.judge_client import JudgeClient
 
 ANSWERS = "answers.jsonl"
 JUDGMENTS = "judgments.jsonl"
 _SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")
 _SCORE_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
-_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 _TURN2_SINGLE_PROMPT = "{question_1}\n\n[アシスタントの1回目の回答]\n{answer_1}\n\n[ユーザーの2回目の質問]\n{question_2}"
 
 
@@ -226,101 +225,6 @@ def generate_answers(
     }
 
 
-class JudgeError(KinoeError):
-    """A judge request that failed for good (after its retries, or with a non-retryable status)."""
-
-
-class JudgeClient:
-    """A minimal OpenAI-compatible chat-completions client with retries and exponential backoff.
-
-    The key is read from the environment variable the config names and sent only in the
-    ``Authorization`` header; no message, log line or file written here contains it.
-    """
-
-    def __init__(
-        self,
-        endpoint: JudgeEndpointConfig,
-        judge: JudgeConfig,
-        logger: logging.Logger,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        base_url = endpoint.base_url or os.environ.get("OPENAI_BASE_URL")
-        if not base_url:
-            raise KinoeError(
-                "judge_endpoint.base_url is not set (nor OPENAI_BASE_URL); set it to an "
-                "OpenAI-compatible API root, e.g. judge_endpoint.base_url=https://api.openai.com/v1"
-            )
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.endpoint, self.judge, self.logger, self.sleep = endpoint, judge, logger, sleep
-        self._key = os.environ.get(endpoint.api_key_env, "").strip()
-        if not self._key:
-            logger.warning(
-                "judge: $%s is empty; sending requests without a key", endpoint.api_key_env
-            )
-        self.retries = 0
-        self._lock = threading.Lock()
-
-    def _scrub(self, text: str) -> str:
-        """``text`` without the key, should an endpoint echo it back in an error."""
-        return text.replace(self._key, "<redacted>") if self._key else text
-
-    def chat(self, system: str, user: str) -> str:
-        """The judge's reply to one system + user message."""
-        body = json.dumps(
-            {
-                "model": self.judge.model,
-                "messages": [
-                    {"role": "system", "content": system},
-                    {"role": "user", "content": user},
-                ],
-                "temperature": self.judge.temperature,
-                "max_tokens": self.judge.max_tokens,
-            },
-            ensure_ascii=False,
-        ).encode("utf-8")
-        headers = {"Content-Type": "application/json"}
-        if self._key:
-            headers["Authorization"] = f"Bearer {self._key}"
-        problem = ""
-        for attempt in range(self.endpoint.max_retries + 1):
-            retry_after = None
-            try:
-                request = urllib.request.Request(
-                    self.url, data=body, headers=headers, method="POST"
-                )
-                with urllib.request.urlopen(request, timeout=self.endpoint.timeout_s) as response:
-                    payload = json.loads(response.read().decode("utf-8"))
-                return str(payload["choices"][0]["message"]["content"])
-            except urllib.error.HTTPError as error:
-                detail = error.read().decode("utf-8", errors="replace")[:200].replace("\n", " ")
-                problem = self._scrub(f"HTTP {error.code} {detail}".strip())
-                if error.code not in _RETRY_STATUS:
-                    raise JudgeError(f"judge endpoint {self.url} answered {problem}") from None
-                retry_after = _seconds(error.headers.get("Retry-After"))
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-                problem = self._scrub(f"{type(error).__name__}: {getattr(error, 'reason', error)}")
-            except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-                problem = "a reply that is not chat-completions JSON"
-            if attempt == self.endpoint.max_retries:
-                break
-            delay = min(self.endpoint.backoff_s * 2**attempt, self.endpoint.max_backoff_s)
-            delay = max(delay, retry_after or 0.0)
-            with self._lock:
-                self.retries += 1
-            self.logger.info("judge: %s; retry %s in %.1f s", problem, attempt + 1, delay)
-            self.sleep(delay)
-        raise JudgeError(
-            f"judge endpoint {self.url} failed {self.endpoint.max_retries + 1} times (last: {problem})"
-        )
-
-
-def _seconds(value: str | None) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
 def parse_score(judgment: str) -> float | None:
     """The ``[[n]]`` score of a judgment (``[n]`` as a fallback), or None when there is none."""
     text = unicodedata.normalize("NFKC", judgment)
@@ -388,6 +292,8 @@ def run_judge(
     client: JudgeClient | None = None,
 ) -> dict[str, Any]:
     """Judge every (question, turn) not yet in ``judgments.jsonl``; summarise all of them."""
+    from eval.judge_client import JudgeClient, JudgeError, JudgeRedirected
+
     questions = read_questions(_required(config.mt_bench.questions, "mt_bench.questions"))
     prompts = read_judge_prompts(_required(config.judge.prompts, "judge.prompts"))
     references = read_references(config.judge.references)
@@ -404,6 +310,7 @@ def run_judge(
         for r in judge_requests(questions, answers, prompts, references, config)
         if (r["question_id"], r["turn"]) not in done
     ]
+    own_client = client is None
     client = client or JudgeClient(config.judge_endpoint, config.judge, logger)
     failures: list[str] = []
     appender = _Appender(path)
@@ -417,13 +324,17 @@ def run_judge(
                 request = futures[future]
                 progress.update()
                 try:
-                    judgment = future.result()
+                    reply = future.result()
                 except JudgeError as error:
                     failures.append(
                         f"question {request['question_id']} turn {request['turn']}: {error}"
                     )
                     continue
-                score = parse_score(judgment)
+                except JudgeRedirected:
+                    # Nothing more goes out: requests not yet started are dropped.
+                    for pending in futures:
+                        pending.cancel()
+                    raise
                 appender.write(
                     {
                         "question_id": request["question_id"],
@@ -431,14 +342,17 @@ def run_judge(
                         "turn": request["turn"],
                         "model": request["model"],
                         "judge": [config.judge.model, request["prompt"]],
+                        "served_model": reply.model,
                         "user_prompt": request["user"],
-                        "judgment": judgment,
-                        "score": score,
+                        "judgment": reply.text,
+                        "score": parse_score(reply.text),
                         "tstamp": time.time(),
                     }
                 )
     finally:
         appender.close()
+        if own_client:
+            client.close()
     judgments, _ = read_jsonl(path)
     summary = summarize(judgments, questions)
     summary.update(

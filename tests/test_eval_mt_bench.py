@@ -1,17 +1,19 @@
 """Japanese MT-Bench: answers with the chat template that resume after a crash, and the judge client
-against a real HTTP server on 127.0.0.1 (retried failures, malformed replies, resumable judgments)."""
+against real HTTP servers on 127.0.0.1 (retried failures and timeouts, malformed replies, resumable
+judgments, redirects, the key kept to the endpoint's origin)."""
 
 from __future__ import annotations
 
 import http.server
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from test_eval import build_tokenizer, loaded_from, mistral, save
 
-from common.errors import KinoeError
+from common.errors import ConfigError, KinoeError
 from common.run import load_stage_config, run_stage
 from eval.cli import STEPS, step_dir
 from eval.config import EvalConfig
@@ -73,20 +75,49 @@ class Judge:
     def __init__(self) -> None:
         self.requests: list[dict] = []
         self.failures_first = [500, 429]  # the first requests fail once each, then succeed
+        self.redirects: list[tuple[int, str]] = []  # the first requests get (status, Location)
+        self.stalls: list[float] = []  # the first requests wait this long before answering
         self.always_fail: list[str] = []  # user prompts containing these get HTTP 500
         self.malformed: list[str] = []  # ... get a reply without [[score]]
+        self.scores: dict[str, str] = {}  # ... containing a key get its score, e.g. {"たぶん": "4"}
         self.lock = threading.Lock()
         judge = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                user = body["messages"][-1]["content"]
+            def record(self) -> dict | None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = json.loads(raw) if raw else None
                 with judge.lock:
                     judge.requests.append(
-                        {"path": self.path, "auth": self.headers.get("Authorization"), "body": body}
+                        {
+                            "method": self.command,
+                            "path": self.path,
+                            "auth": self.headers.get("Authorization"),
+                            "body": body,
+                        }
                     )
-                    failure = judge.failures_first.pop(0) if judge.failures_first else None
+                return body
+
+            def do_GET(self):
+                self.record()
+                self.send_response(405)
+                self.end_headers()
+
+            def do_POST(self):
+                user = self.record()["messages"][-1]["content"]
+                with judge.lock:
+                    redirect = judge.redirects.pop(0) if judge.redirects else None
+                    stall = judge.stalls.pop(0) if judge.stalls and redirect is None else 0.0
+                    failure = None
+                    if redirect is None and not stall and judge.failures_first:
+                        failure = judge.failures_first.pop(0)
+                if redirect is not None:
+                    self.send_response(redirect[0])
+                    self.send_header("Location", redirect[1])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                time.sleep(stall)
                 if failure is None and any(marker in user for marker in judge.always_fail):
                     failure = 500
                 if failure is not None:
@@ -96,7 +127,10 @@ class Judge:
                     self.end_headers()
                     self.wfile.write(b'{"error": {"message": "try again"}}')
                     return
-                if "[ユーザーの2回目の質問]" in user:
+                scored = [score for marker, score in judge.scores.items() if marker in user]
+                if scored:
+                    content = f"評価：[[{scored[0]}]]"
+                elif "[ユーザーの2回目の質問]" in user:
                     content = (
                         "簡潔で正確です。評価：［［７］］"  # full-width, as judges sometimes write
                     )
@@ -105,7 +139,8 @@ class Judge:
                 else:
                     content = "良い回答です。評価：[[8]]"
                 reply = {
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]
+                    "model": "judge-test-0613",  # the endpoint's own name for the model
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content}}],
                 }
                 data = json.dumps(reply, ensure_ascii=False).encode("utf-8")
                 self.send_response(200)
@@ -119,14 +154,34 @@ class Judge:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self.server.server_port}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 @pytest.fixture
 def judge():
     server = Judge()
     yield server
-    server.server.shutdown()
+    server.close()
+
+
+def write_answers(path: Path, questions: list[dict], turns: list[str], **fields) -> Path:
+    """Answers in FastChat's format, as made elsewhere; ``fields`` such as sample=1 added."""
+    with path.open("a", encoding="utf-8") as handle:
+        for q in questions:
+            record = {
+                "question_id": q["question_id"],
+                "model_id": "external",
+                "choices": [{"index": 0, "turns": turns}],
+                **fields,
+            }
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
 
 
 def test_scores_are_read_as_fastchat_reads_them():
@@ -241,6 +296,7 @@ def test_mt_bench_command_answers_then_judges_with_retries(
         "content": "あなたは有益な助手です。",
     }
     judgments, _ = read_jsonl(runs / "judge" / JUDGMENTS)
+    assert {j["served_model"] for j in judgments} == {"judge-test-0613"}
     prompts = {(j["category"], j["turn"]): j["judge"][1] for j in judgments}
     assert prompts["writing", 1] == "single-v1"
     assert prompts["reasoning", 1] == "single-math-v1"
@@ -306,3 +362,60 @@ def test_judging_resumes_after_the_endpoint_fails(questions, judge, tmp_path, ca
         run_stage(
             STEPS["judge"], config_for(tmp_path / "other", questions, **{"judge.answers": answers})
         )
+
+
+def test_the_key_goes_only_to_the_endpoint_origin(questions, judge, tmp_path, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, KEY)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    records, _ = read_jsonl(questions)
+    answers = write_answers(tmp_path / "answers.jsonl", records[:1], ["はい。", "いいえ。"])
+    values = {"judge.answers": answers, "judge.turns": "[1]", "judge_endpoint.max_retries": 1}
+    judge.failures_first = []
+
+    # The same origin: followed (307 keeps the POST), the key still sent. A stalled reply times out
+    # and is retried.
+    judge.redirects = [(307, "/v1/moved/chat/completions")]
+    judge.stalls = [3.0]
+    config = config_for(
+        tmp_path / "same", questions,
+        **values, **{"judge_endpoint.base_url": judge.base_url, "judge_endpoint.timeout_s": 1.0},
+    )  # fmt: skip
+    result = run_stage(STEPS["judge"], config)
+    assert result.status == "complete" and result.manifest.summary["retries"] == 1
+    assert [(r["path"], r["auth"]) for r in judge.requests] == [
+        ("/v1/chat/completions", f"Bearer {KEY}"),
+        ("/v1/moved/chat/completions", f"Bearer {KEY}"),
+        ("/v1/chat/completions", f"Bearer {KEY}"),
+    ]
+
+    # Another origin (the same address, another port): refused before anything is sent there.
+    other = Judge()
+    judge.requests = []
+    judge.redirects = [(302, f"{other.base_url}/chat/completions")]
+    config = config_for(
+        tmp_path / "cross", questions, **values, **{"judge_endpoint.base_url": judge.base_url}
+    )
+    with pytest.raises(
+        KinoeError,
+        match=rf"^judge endpoint {judge.base_url}/chat/completions redirected to another origin "
+        rf"\(http://127.0.0.1:{other.server.server_port}\); .*judge_endpoint.base_url",
+    ) as error:
+        run_stage(STEPS["judge"], config)
+    assert "\n" not in str(error.value) and KEY not in str(error.value)
+    assert len(judge.requests) == 1 and other.requests == []
+
+    # Nothing listening: connection errors are retried, then the request fails.
+    other.close()
+    config = config_for(
+        tmp_path / "down", questions, **values, **{"judge_endpoint.base_url": other.base_url}
+    )
+    with pytest.raises(KinoeError, match=r"^1 judgments failed .*failed 2 times .*ConnectError"):
+        run_stage(STEPS["judge"], config)
+
+    # http:// to anything but loopback is refused when the config is read, from the environment too.
+    with pytest.raises(ConfigError, match=r"is http:// to example.com.*use https://example.com"):
+        config_for(tmp_path, questions, **{"judge_endpoint.base_url": "http://example.com/v1"})
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://example.com/v1")
+    config = config_for(tmp_path / "environment", questions, **{"judge.answers": answers})
+    with pytest.raises(KinoeError, match=r"^\$OPENAI_BASE_URL is http:// to example.com"):
+        run_stage(STEPS["judge"], config)
