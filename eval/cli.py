@@ -160,6 +160,12 @@ def _answers(config: EvalConfig) -> Path:
     )
 
 
+def _check_sampling(config: EvalConfig) -> None:
+    from eval.mt_bench import check_sampling
+
+    check_sampling(config)
+
+
 def judge_step(context: StageContext[EvalConfig]) -> dict[str, Any]:
     """Judge the answers through the endpoint; judgments.jsonl, then report.json and report.md."""
     from eval.mt_bench import run_judge
@@ -169,7 +175,9 @@ def judge_step(context: StageContext[EvalConfig]) -> dict[str, Any]:
     summary = run_judge(config, _answers(config), context.run_dir, context.logger)
     model = {"path": str(config.model) if config.model else None, "answers": str(_answers(config))}
     report = _report_frame(config, context.run_dir, model)
-    report["settings"].update(judge=config.judge.model_dump(mode="json"))
+    report["settings"].update(
+        judge=config.judge.model_dump(mode="json"), samples=config.mt_bench.samples
+    )
     rows = [("mt_bench", summary["overall"])] + [
         (f"mt_bench/{category}", figures) for category, figures in summary["categories"].items()
     ]
@@ -238,6 +246,7 @@ STEPS: dict[str, Stage] = {
             **_model_inputs(c),
             "mt_bench.questions": _set(c.mt_bench.questions, "mt_bench.questions"),
         },
+        precheck=_check_sampling,
         step="mt-bench",
         fingerprint_sections=frozenset(
             {

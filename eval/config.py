@@ -61,6 +61,12 @@ class MtBenchConfig(Config):
     )
     default_temperature: float = Field(0.7, ge=0, description="For categories not listed")
     max_new_tokens: int = Field(1024, ge=1, description="Per turn")
+    samples: int = Field(
+        1,
+        ge=1,
+        description="Answers per question, each with its own seed; the judge averages over them "
+        "(Swallow: 5). Above 1 every category must sample (temperature above 0)",
+    )
 
 
 class JudgeConfig(Config):

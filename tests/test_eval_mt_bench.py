@@ -1,11 +1,12 @@
-"""Japanese MT-Bench: answers with the chat template that resume after a crash, and the judge client
-against real HTTP servers on 127.0.0.1 (retried failures and timeouts, malformed replies, resumable
-judgments, redirects, the key kept to the endpoint's origin)."""
+"""Japanese MT-Bench: answers with the chat template that resume after a crash, several samples per
+question, and the judge client against real HTTP servers on 127.0.0.1 (retried failures, malformed
+replies, resumable judgments, redirects, the key kept to the endpoint's origin)."""
 
 from __future__ import annotations
 
 import http.server
 import json
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -273,13 +274,17 @@ def test_mt_bench_command_answers_then_judges_with_retries(
     results = {r["task"]: r for r in report["results"]}
     assert results["mt_bench"]["metrics"] == {
         "score": pytest.approx(37 / 5),
+        "score_std": None,  # one sample: no spread
         "turn_1": 8.0,
         "turn_2": 7.0,
+        "samples": 1,
     }
     assert results["mt_bench/extraction"]["metrics"] == {
         "score": 7.0,
+        "score_std": None,
         "turn_1": None,
         "turn_2": 7.0,
+        "samples": 1,
     }
     assert results["mt_bench/writing"]["examples"] == 2
     assert (
@@ -296,7 +301,7 @@ def test_mt_bench_command_answers_then_judges_with_retries(
         "content": "あなたは有益な助手です。",
     }
     judgments, _ = read_jsonl(runs / "judge" / JUDGMENTS)
-    assert {j["served_model"] for j in judgments} == {"judge-test-0613"}
+    assert {(j["sample"], j["served_model"]) for j in judgments} == {(0, "judge-test-0613")}
     prompts = {(j["category"], j["turn"]): j["judge"][1] for j in judgments}
     assert prompts["writing", 1] == "single-v1"
     assert prompts["reasoning", 1] == "single-math-v1"
@@ -312,50 +317,90 @@ def test_mt_bench_command_answers_then_judges_with_retries(
     assert KEY not in result.stderr + result.stdout
 
 
+def test_samples_are_seeded_apart_and_an_old_answers_file_is_extended(
+    model_dir, questions, tmp_path
+):
+    greedy = config_for(tmp_path / "greedy", questions, model_dir, **{"mt_bench.samples": 2})
+    with pytest.raises(
+        KinoeError, match=r"^mt_bench.samples=2, but reasoning, extraction are answered greedily"
+    ) as error:
+        run_stage(STEPS["mt-bench"], greedy)
+    assert "\n" not in str(error.value)
+
+    # Every category at default_temperature (0.7): an empty table replaces FastChat's.
+    config = config_for(
+        tmp_path, questions, model_dir, batch_size=2,
+        **{"mt_bench.samples": 2, "mt_bench.temperatures": "{}"},
+    )  # fmt: skip
+    records, _ = read_jsonl(questions)
+    answers_path = step_dir(config, "mt-bench") / ANSWERS
+    answers_path.parent.mkdir(parents=True)
+    write_answers(answers_path, records[:1], ["前の回答。", "前の二つ目。"])  # no sample: sample 0
+    result = run_stage(STEPS["mt-bench"], config)
+    summary = result.manifest.summary
+    assert (summary["answered_before"], summary["answered_now"], summary["samples"]) == (1, 5, 2)
+    answers, _ = read_jsonl(answers_path)
+    assert "sample" not in answers[0]  # the old record is kept as it was
+    made = {(a["question_id"], a["sample"]): a for a in answers[1:]}
+    every = {(q["question_id"], k) for q in records for k in (0, 1)}
+    assert set(made) == every - {(records[0]["question_id"], 0)}
+    assert {a["decoding"]["seed"] for a in made.values() if a["sample"] == 0} == {42}
+    assert {a["decoding"]["seed"] for a in made.values() if a["sample"] == 1} == {1042}
+    texts = {key: a["choices"][0]["turns"] for key, a in made.items()}
+    assert any(texts[q["question_id"], 0] != texts[q["question_id"], 1] for q in records[1:])
+
+
 def test_judging_resumes_after_the_endpoint_fails(questions, judge, tmp_path, caplog):
     records, _ = read_jsonl(questions)
-    answers = tmp_path / "external_answers.jsonl"
-    answers.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "question_id": q["question_id"],
-                    "model_id": "external",
-                    "choices": [{"index": 0, "turns": ["はい。", "いいえ。"]}],
-                },
-                ensure_ascii=False,
-            )
-            + "\n"
-            for q in records[:2]  # the third question has no answer
-        ),
-        encoding="utf-8",
+    # Two samples of the first two questions (the third has none): sample 0 written before
+    # samples existed (no "sample" key), sample 1 scored 4 where sample 0 is scored 8.
+    answers = write_answers(
+        tmp_path / "external_answers.jsonl", records[:2], ["はい。", "いいえ。"]
     )
+    write_answers(answers, records[:2], ["たぶん。", "いいえ。"], sample=1)
+    judge.scores = {"たぶん。": "4"}
     config = config_for(
         tmp_path, questions, **{"judge.answers": answers, "judge_endpoint.base_url": judge.base_url,
-        "judge_endpoint.max_retries": 1, "judge.turns": "[1]"},
+        "judge_endpoint.max_retries": 1, "judge.turns": "[1]", "mt_bench.samples": 2},
     )  # fmt: skip
     judge.failures_first = []
     judge.always_fail = [records[1]["turns"][0]]
     with pytest.raises(
-        KinoeError, match=r"^1 judgments failed .*HTTP 500.*run the same command again"
+        KinoeError, match=r"^2 judgments failed .*HTTP 500.*run the same command again"
     ) as error:
         run_stage(STEPS["judge"], config)
     assert "\n" not in str(error.value)
     manifest = json.loads((step_dir(config, "judge") / "manifest.json").read_text())
-    assert manifest["status"] == "failed" and manifest["summary"]["failed"] == 1
-    assert manifest["summary"]["answers_missing"] == 1
-    first, _ = read_jsonl(step_dir(config, "judge") / JUDGMENTS)
-    assert [j["question_id"] for j in first] == [records[0]["question_id"]]
+    assert manifest["status"] == "failed" and manifest["summary"]["failed"] == 2
+    assert manifest["summary"]["answers_missing"] == 2
+    judgments_path = step_dir(config, "judge") / JUDGMENTS
+    first, _ = read_jsonl(judgments_path)
+    assert sorted((j["question_id"], j["sample"]) for j in first) == [
+        (records[0]["question_id"], 0),
+        (records[0]["question_id"], 1),
+    ]
     asked = len(judge.requests)
-    assert asked == 3  # one success, one failure retried once
+    assert asked == 6  # two successes, two failures retried once each
+    # A judgment written before samples existed has no "sample": it counts as sample 0.
+    judgments_path.write_text(
+        "".join(
+            json.dumps({k: v for k, v in j.items() if (k, j["sample"]) != ("sample", 0)}) + "\n"
+            for j in first
+        )
+    )
 
     judge.always_fail = []
     result = run_stage(STEPS["judge"], config)
-    assert result.status == "complete" and result.manifest.summary["overall"]["judged"] == 2
-    assert len(judge.requests) == asked + 1  # only the failed one is asked again
-    judgments, _ = read_jsonl(step_dir(config, "judge") / JUDGMENTS)
-    assert sorted(j["question_id"] for j in judgments) == sorted(
-        q["question_id"] for q in records[:2]
+    summary = result.manifest.summary
+    assert result.status == "complete" and summary["overall"]["judged"] == 4
+    assert len(judge.requests) == asked + 2  # only the failed ones are asked again
+    assert summary["sample_scores"] == [8.0, 4.0]
+    assert summary["overall"]["score"] == 6.0
+    assert summary["overall"]["score_std"] == pytest.approx(statistics.stdev([8, 4]), abs=1e-4)
+    assert summary["overall"]["samples"] == 2
+    judgments, _ = read_jsonl(judgments_path)
+    assert sorted((j["question_id"], j.get("sample", 0)) for j in judgments) == sorted(
+        (q["question_id"], k) for q in records[:2] for k in (0, 1)
     )
 
     with pytest.raises(KinoeError, match=r"judge_endpoint.base_url is not set"):
