@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.errors import KinoeError
+from common.manifest import sha256_file
 from common.progress import Progress
 from eval.config import EvalConfig
 
@@ -92,6 +93,25 @@ def read_references(path: Path | None) -> dict[Any, list[str]]:
         return {}
     records, _ = read_jsonl(path)
     return {r["question_id"]: list(r["choices"][0]["turns"]) for r in records if r.get("choices")}
+
+
+def judge_pin(config: EvalConfig) -> dict[str, Any]:
+    """What decides the judge's scores, by content: the model's name and the SHA-256 of its files.
+
+    ``prompt_version`` names the prompt file, a prefix of its hash and the judge model, so two
+    reports whose judges read other prompts or asked another model never compare as equal.
+    """
+    prompts = _required(config.judge.prompts, "judge.prompts")
+    digest = sha256_file(prompts)
+    references = config.judge.references
+    return {
+        "model": config.judge.model,
+        "prompts": prompts.name,
+        "prompts_sha256": digest,
+        "references": Path(references).name if references else None,
+        "references_sha256": sha256_file(Path(references)) if references else None,
+        "prompt_version": f"{prompts.stem}@sha256:{digest[:12]}+{config.judge.model}",
+    }
 
 
 def read_judge_prompts(path: Path) -> dict[str, dict[str, Any]]:
@@ -487,6 +507,9 @@ def summarize(
         "sample_scores": [_rounded(per_sample.get(k)) for k in range(samples)],
         "judgments": len(latest),
         "unparsed": unparsed,
+        "served_models": sorted(
+            {j["served_model"] for j in latest.values() if j.get("served_model")}
+        ),
     }
 
 

@@ -4,6 +4,7 @@ replies, resumable judgments, redirects, the key kept to the endpoint's origin).
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
 import statistics
@@ -286,6 +287,16 @@ def test_mt_bench_command_answers_then_judges_with_retries(
         "turn_2": 7.0,
         "samples": 1,
     }
+    # The judge is pinned by the prompt file's content and the model, as asked and as served.
+    prompts_sha256 = hashlib.sha256((MT_BENCH / "judge_ja_prompts.jsonl").read_bytes()).hexdigest()
+    version = f"judge_ja_prompts@sha256:{prompts_sha256[:12]}+judge-test"
+    assert {r["prompt_version"] for r in report["results"]} == {version}
+    assert report["judge"]["prompts_sha256"] == prompts_sha256
+    assert report["judge"]["served_models"] == ["judge-test-0613"]
+    assert (
+        "Judge `judge-test` (the endpoint answered as: judge-test-0613)"
+        in (runs / "judge" / "report.md").read_text()
+    )
     assert results["mt_bench/writing"]["examples"] == 2
     assert (
         "| mt_bench/reasoning | judge | score | 7.5000 |"
