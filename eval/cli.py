@@ -160,16 +160,27 @@ def _answers(config: EvalConfig) -> Path:
     )
 
 
+def _check_sampling(config: EvalConfig) -> None:
+    from eval.mt_bench import check_sampling
+
+    check_sampling(config)
+
+
 def judge_step(context: StageContext[EvalConfig]) -> dict[str, Any]:
     """Judge the answers through the endpoint; judgments.jsonl, then report.json and report.md."""
-    from eval.mt_bench import run_judge
+    from eval.mt_bench import judge_pin, run_judge
     from eval.report import write_report
 
     config = context.config
     summary = run_judge(config, _answers(config), context.run_dir, context.logger)
     model = {"path": str(config.model) if config.model else None, "answers": str(_answers(config))}
     report = _report_frame(config, context.run_dir, model)
-    report["settings"].update(judge=config.judge.model_dump(mode="json"))
+    report["settings"].update(
+        judge=config.judge.model_dump(mode="json"), samples=config.mt_bench.samples
+    )
+    pin = judge_pin(config)
+    # The endpoint's own name for the model that answered: an alias such as gpt-4 moves over time.
+    report["judge"] = {**pin, "served_models": summary.pop("served_models")}
     rows = [("mt_bench", summary["overall"])] + [
         (f"mt_bench/{category}", figures) for category, figures in summary["categories"].items()
     ]
@@ -181,7 +192,7 @@ def judge_step(context: StageContext[EvalConfig]) -> dict[str, Any]:
             "examples": figures["judged"],
             "of": summary["judgments"],
             "shots": 0,
-            "prompt_version": f"judge_ja_prompts ({config.judge.model})",
+            "prompt_version": pin["prompt_version"],
             "metrics": {k: v for k, v in figures.items() if k != "judged"},
         }
         for task, figures in rows
@@ -238,6 +249,7 @@ STEPS: dict[str, Stage] = {
             **_model_inputs(c),
             "mt_bench.questions": _set(c.mt_bench.questions, "mt_bench.questions"),
         },
+        precheck=_check_sampling,
         step="mt-bench",
         fingerprint_sections=frozenset(
             {

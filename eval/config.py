@@ -7,9 +7,11 @@ W&B), stay out of the fingerprint, so changing them never refuses a rerun or red
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import ClassVar, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
@@ -59,6 +61,12 @@ class MtBenchConfig(Config):
     )
     default_temperature: float = Field(0.7, ge=0, description="For categories not listed")
     max_new_tokens: int = Field(1024, ge=1, description="Per turn")
+    samples: int = Field(
+        1,
+        ge=1,
+        description="Answers per question, each with its own seed; the judge averages over them "
+        "(Swallow: 5). Above 1 every category must sample (temperature above 0)",
+    )
 
 
 class JudgeConfig(Config):
@@ -86,11 +94,42 @@ class JudgeConfig(Config):
         return sorted(set(turns))
 
 
+def check_endpoint_url(url: str, key: str) -> str:
+    """``url`` when the judge key may be sent to it: https, or http to this machine's loopback."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{key} must be an https:// API root, e.g. https://api.openai.com/v1")
+    if parts.username is not None or parts.password is not None:
+        # A URL is written into config.yaml and the manifest; a key belongs in the environment.
+        raise ValueError(
+            f"{key} holds credentials (user:password@); put the key in the environment "
+            "variable judge_endpoint.api_key_env names"
+        )
+    if parts.scheme == "http" and not _loopback(parts.hostname):
+        raise ValueError(
+            f"{key} is http:// to {parts.hostname}, which would send the judge key unencrypted "
+            f"over the network; use https://{parts.netloc} (http is accepted only for 127.0.0.1, "
+            "::1 and localhost)"
+        )
+    return url
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class JudgeEndpointConfig(Config):
     """Where and how the judge is reached; the key comes only from the environment variable named here."""
 
     base_url: str | None = Field(
-        None, description="An OpenAI-compatible API root, e.g. https://api.openai.com/v1"
+        None,
+        description="An OpenAI-compatible API root, e.g. https://api.openai.com/v1; https, or "
+        "http only to 127.0.0.1, ::1 or localhost",
     )
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable with the key")
     timeout_s: float = Field(120.0, gt=0)
@@ -98,6 +137,11 @@ class JudgeEndpointConfig(Config):
     backoff_s: float = Field(2.0, ge=0, description="First retry delay; doubles each retry")
     max_backoff_s: float = Field(60.0, ge=0)
     parallel: int = Field(4, ge=1, description="Requests in flight at once")
+
+    @field_validator("base_url")
+    @classmethod
+    def _safe_for_the_key(cls, url: str | None) -> str | None:
+        return None if url is None else check_endpoint_url(url, "judge_endpoint.base_url")
 
 
 class WandbConfig(Config):

@@ -1,18 +1,21 @@
 """Japanese MT-Bench: the model answers two-turn questions, an OpenAI-compatible judge scores each turn 1-10.
 
-Answers (``answers.jsonl``, FastChat's answer format) are generated with the model's own chat
-template, per-category temperatures and ``mt_bench.max_new_tokens`` per turn. The judge reads
-the Japanese judge prompts (``single-v1``; ``single-math-v1`` with the reference answer for
+Answers (``answers.jsonl``, FastChat's answer format plus ``sample``) are generated with the
+model's own chat template, per-category temperatures and ``mt_bench.max_new_tokens`` per turn;
+``mt_bench.samples`` answers per question, each sample with its own seed. The judge reads the
+Japanese judge prompts (``single-v1``; ``single-math-v1`` with the reference answer for
 ``reference_categories``) and must answer with ``[[評価]]``, e.g. ``評価：[[5]]``; the score is
 read as FastChat reads it (``[[n]]``, else ``[n]``), after NFKC so full-width brackets and digits
-count. A reply with no score is kept and counted as unparsed, never fatal.
+count. A reply with no score is kept and counted as unparsed, never fatal. Scores are averaged
+per sample first, then over samples, whose spread the report gives.
 
 Turn 2 is judged with the ``-multi-turn`` prompts when the prompt file has them (FastChat's
 English set does); the Japanese file has only single-turn prompts, so then the single-turn
 prompt gets the conversation so far as its question, and the report says so.
 
 Both files are appended to as work finishes, so a run that stops (crash, preemption, the judge
-endpoint down past its retries) continues where it stopped when run again.
+endpoint down past its retries) continues where it stopped when run again. Records written
+before samples existed have no ``sample`` and count as sample 0.
 """
 
 from __future__ import annotations
@@ -22,26 +25,26 @@ import json
 import logging
 import os
 import re
-import threading
+import statistics
 import time
 import unicodedata
-import urllib.error
-import urllib.request
 from collections import defaultdict
-from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.errors import KinoeError
+from common.manifest import sha256_file
 from common.progress import Progress
-from eval.config import EvalConfig, JudgeConfig, JudgeEndpointConfig
+from eval.config import EvalConfig
+
+if TYPE_CHECKING:  # httpx is imported only when judging, not to generate answers on GPU nodes
+    from eval.judge_client import JudgeClient
 
 ANSWERS = "answers.jsonl"
 JUDGMENTS = "judgments.jsonl"
 _SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")
 _SCORE_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
-_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 _TURN2_SINGLE_PROMPT = "{question_1}\n\n[アシスタントの1回目の回答]\n{answer_1}\n\n[ユーザーの2回目の質問]\n{question_2}"
 
 
@@ -92,6 +95,25 @@ def read_references(path: Path | None) -> dict[Any, list[str]]:
     return {r["question_id"]: list(r["choices"][0]["turns"]) for r in records if r.get("choices")}
 
 
+def judge_pin(config: EvalConfig) -> dict[str, Any]:
+    """What decides the judge's scores, by content: the model's name and the SHA-256 of its files.
+
+    ``prompt_version`` names the prompt file, a prefix of its hash and the judge model, so two
+    reports whose judges read other prompts or asked another model never compare as equal.
+    """
+    prompts = _required(config.judge.prompts, "judge.prompts")
+    digest = sha256_file(prompts)
+    references = config.judge.references
+    return {
+        "model": config.judge.model,
+        "prompts": prompts.name,
+        "prompts_sha256": digest,
+        "references": Path(references).name if references else None,
+        "references_sha256": sha256_file(Path(references)) if references else None,
+        "prompt_version": f"{prompts.stem}@sha256:{digest[:12]}+{config.judge.model}",
+    }
+
+
 def read_judge_prompts(path: Path) -> dict[str, dict[str, Any]]:
     """Judge prompts by name (``single-v1``, ``single-math-v1``, ...)."""
     records, _ = read_jsonl(path)
@@ -127,6 +149,43 @@ def temperature_for(config: EvalConfig, category: str) -> float:
     return config.mt_bench.temperatures.get(category, config.mt_bench.default_temperature)
 
 
+def sample_of(record: dict[str, Any]) -> int | None:
+    """The sample index of an answer or judgment: 0 when absent (older files), None when invalid."""
+    sample = record.get("sample", 0)
+    return (
+        sample if isinstance(sample, int) and not isinstance(sample, bool) and sample >= 0 else None
+    )
+
+
+def sample_seed(seed: int, sample: int, turn: int) -> int:
+    """The generation seed of one sample's turn (0-based); sample 0 keeps the seeds of older runs."""
+    # A question has far fewer than 1,000 turns (MT-Bench: two): no two samples share a seed.
+    return seed + 1000 * sample + turn
+
+
+def check_sampling(config: EvalConfig) -> None:
+    """Refuse several samples per question where a category is answered greedily (all alike)."""
+    from eval.generate import Decoding
+
+    samples = config.mt_bench.samples
+    if samples == 1:
+        return
+    questions = read_questions(_required(config.mt_bench.questions, "mt_bench.questions"))
+    greedy = [
+        category
+        for category in dict.fromkeys(q["category"] for q in questions)
+        if not Decoding(1, temperature_for(config, category)).do_sample
+    ]
+    if greedy:
+        raise KinoeError(
+            f"mt_bench.samples={samples}, but {', '.join(greedy)} are answered greedily "
+            "(temperature 0), so their samples would repeat one answer; give them a temperature "
+            "above 0 in mt_bench.temperatures (a table given replaces FastChat's; categories not in "
+            "it take mt_bench.default_temperature, so mt_bench.temperatures={} samples all at it), "
+            "or set mt_bench.samples=1"
+        )
+
+
 def _chat_prompt(loaded, messages: list[dict[str, str]]) -> list[int]:
     tokenizer = loaded.tokenizer
     if not getattr(tokenizer, "chat_template", None):
@@ -143,15 +202,21 @@ def _chat_prompt(loaded, messages: list[dict[str, str]]) -> list[int]:
 def generate_answers(
     loaded, config: EvalConfig, run_dir: Path, logger: logging.Logger
 ) -> dict[str, Any]:
-    """Answer every question not yet in ``answers.jsonl``; append each as both its turns are done."""
+    """Answer every (question, sample) not yet in ``answers.jsonl``; append each as both its turns are done."""
     from eval.generate import Decoding, generate_batch
     from eval.model import Batcher, truncate_left
 
     questions = read_questions(_required(config.mt_bench.questions, "mt_bench.questions"))
     path = run_dir / ANSWERS
     existing, malformed = read_jsonl(path)
-    done = {r["question_id"] for r in existing if "question_id" in r}
-    pending = [q for q in questions if q["question_id"] not in done]
+    done = {(r["question_id"], sample_of(r)) for r in existing if "question_id" in r}
+    samples = config.mt_bench.samples
+    pending = [
+        (sample, q)
+        for sample in range(samples)
+        for q in questions
+        if (q["question_id"], sample) not in done
+    ]
     if done:
         logger.info("mt-bench: %s answers already in %s; %s to go", len(done), path, len(pending))
     model_id = config.run.name
@@ -170,7 +235,9 @@ def generate_answers(
         truncated += cut
         return ids
 
-    def answer(chunk: list[dict[str, Any]]) -> list[None]:
+    def answer(items: list[tuple[int, dict[str, Any]]]) -> list[None]:
+        sample = items[0][0]
+        chunk = [question for _, question in items]
         temperature = temperature_for(config, chunk[0]["category"])
         decoding = Decoding(config.mt_bench.max_new_tokens, temperature)
         conversations = [[] for _ in chunk]
@@ -180,13 +247,15 @@ def generate_answers(
             for i in active:
                 conversations[i].append({"role": "user", "content": chunk[i]["turns"][turn]})
             prompts = [prompt_for(conversations[i]) for i in active]
-            outputs = generate_batch(loaded, prompts, decoding, seed=config.seed + turn)
+            seed = sample_seed(config.seed, sample, turn)
+            outputs = generate_batch(loaded, prompts, decoding, seed=seed)
             for i, text in zip(active, outputs, strict=True):
                 text = text.strip()
                 turns[i].append(text)
                 conversations[i].append({"role": "assistant", "content": text})
         for question, answered in zip(chunk, turns, strict=True):
             digest = hashlib.sha256(json.dumps(answered, ensure_ascii=False).encode()).hexdigest()
+            seeded = {"seed": sample_seed(config.seed, sample, 0)} if decoding.do_sample else {}
             appender.write(
                 {
                     "question_id": question["question_id"],
@@ -194,19 +263,20 @@ def generate_answers(
                     "model_id": model_id,
                     "choices": [{"index": 0, "turns": answered}],
                     "category": question["category"],
-                    "decoding": decoding.summary(),
+                    "sample": sample,
+                    "decoding": {**decoding.summary(), **seeded},
                     "tstamp": time.time(),
                 }
             )
         return [None] * len(chunk)
 
-    # One batch holds questions of one temperature, so each batch has one decoding.
-    by_temperature: dict[float, list[dict[str, Any]]] = defaultdict(list)
-    for question in pending:
-        by_temperature[temperature_for(config, question["category"])].append(question)
+    # One batch holds one sample's questions of one temperature: one decoding and one seed each.
+    groups: dict[tuple[int, float], list[tuple[int, dict[str, Any]]]] = defaultdict(list)
+    for sample, question in pending:
+        groups[sample, temperature_for(config, question["category"])].append((sample, question))
     try:
-        with Progress("mt-bench answers", total=len(pending), unit="questions") as progress:
-            for group in by_temperature.values():
+        with Progress("mt-bench answers", total=len(pending), unit="answers") as progress:
+            for group in groups.values():
                 batcher.run(group, answer, progress.update)
     finally:
         appender.close()
@@ -216,6 +286,7 @@ def generate_answers(
         )
     return {
         "questions": len(questions),
+        "samples": samples,
         "answered_now": len(pending),
         "answered_before": len(done),
         "unreadable_lines": malformed,
@@ -226,101 +297,6 @@ def generate_answers(
     }
 
 
-class JudgeError(KinoeError):
-    """A judge request that failed for good (after its retries, or with a non-retryable status)."""
-
-
-class JudgeClient:
-    """A minimal OpenAI-compatible chat-completions client with retries and exponential backoff.
-
-    The key is read from the environment variable the config names and sent only in the
-    ``Authorization`` header; no message, log line or file written here contains it.
-    """
-
-    def __init__(
-        self,
-        endpoint: JudgeEndpointConfig,
-        judge: JudgeConfig,
-        logger: logging.Logger,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        base_url = endpoint.base_url or os.environ.get("OPENAI_BASE_URL")
-        if not base_url:
-            raise KinoeError(
-                "judge_endpoint.base_url is not set (nor OPENAI_BASE_URL); set it to an "
-                "OpenAI-compatible API root, e.g. judge_endpoint.base_url=https://api.openai.com/v1"
-            )
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.endpoint, self.judge, self.logger, self.sleep = endpoint, judge, logger, sleep
-        self._key = os.environ.get(endpoint.api_key_env, "").strip()
-        if not self._key:
-            logger.warning(
-                "judge: $%s is empty; sending requests without a key", endpoint.api_key_env
-            )
-        self.retries = 0
-        self._lock = threading.Lock()
-
-    def _scrub(self, text: str) -> str:
-        """``text`` without the key, should an endpoint echo it back in an error."""
-        return text.replace(self._key, "<redacted>") if self._key else text
-
-    def chat(self, system: str, user: str) -> str:
-        """The judge's reply to one system + user message."""
-        body = json.dumps(
-            {
-                "model": self.judge.model,
-                "messages": [
-                    {"role": "system", "content": system},
-                    {"role": "user", "content": user},
-                ],
-                "temperature": self.judge.temperature,
-                "max_tokens": self.judge.max_tokens,
-            },
-            ensure_ascii=False,
-        ).encode("utf-8")
-        headers = {"Content-Type": "application/json"}
-        if self._key:
-            headers["Authorization"] = f"Bearer {self._key}"
-        problem = ""
-        for attempt in range(self.endpoint.max_retries + 1):
-            retry_after = None
-            try:
-                request = urllib.request.Request(
-                    self.url, data=body, headers=headers, method="POST"
-                )
-                with urllib.request.urlopen(request, timeout=self.endpoint.timeout_s) as response:
-                    payload = json.loads(response.read().decode("utf-8"))
-                return str(payload["choices"][0]["message"]["content"])
-            except urllib.error.HTTPError as error:
-                detail = error.read().decode("utf-8", errors="replace")[:200].replace("\n", " ")
-                problem = self._scrub(f"HTTP {error.code} {detail}".strip())
-                if error.code not in _RETRY_STATUS:
-                    raise JudgeError(f"judge endpoint {self.url} answered {problem}") from None
-                retry_after = _seconds(error.headers.get("Retry-After"))
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-                problem = self._scrub(f"{type(error).__name__}: {getattr(error, 'reason', error)}")
-            except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-                problem = "a reply that is not chat-completions JSON"
-            if attempt == self.endpoint.max_retries:
-                break
-            delay = min(self.endpoint.backoff_s * 2**attempt, self.endpoint.max_backoff_s)
-            delay = max(delay, retry_after or 0.0)
-            with self._lock:
-                self.retries += 1
-            self.logger.info("judge: %s; retry %s in %.1f s", problem, attempt + 1, delay)
-            self.sleep(delay)
-        raise JudgeError(
-            f"judge endpoint {self.url} failed {self.endpoint.max_retries + 1} times (last: {problem})"
-        )
-
-
-def _seconds(value: str | None) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
 def parse_score(judgment: str) -> float | None:
     """The ``[[n]]`` score of a judgment (``[n]`` as a fallback), or None when there is none."""
     text = unicodedata.normalize("NFKC", judgment)
@@ -329,54 +305,68 @@ def parse_score(judgment: str) -> float | None:
 
 
 def judge_requests(
-    questions: Iterable[dict[str, Any]],
-    answers: dict[Any, dict[str, Any]],
+    questions: list[dict[str, Any]],
+    answers: dict[tuple[Any, int], dict[str, Any]],
     prompts: dict[str, dict[str, Any]],
     references: dict[Any, list[str]],
     config: EvalConfig,
 ) -> list[dict[str, Any]]:
-    """What to send for each (question, turn): prompt name, system and user message."""
+    """What to send for each (question, sample, turn): prompt name, system and user message."""
     requests = []
-    for question in questions:
-        answer = answers.get(question["question_id"])
-        if answer is None:
+    for sample in range(config.mt_bench.samples):
+        for question in questions:
+            answer = answers.get((question["question_id"], sample))
+            if answer is not None:
+                requests += _turn_requests(question, sample, answer, prompts, references, config)
+    return requests
+
+
+def _turn_requests(
+    question: dict[str, Any],
+    sample: int,
+    answer: dict[str, Any],
+    prompts: dict[str, dict[str, Any]],
+    references: dict[Any, list[str]],
+    config: EvalConfig,
+) -> list[dict[str, Any]]:
+    turns = answer["choices"][0]["turns"]
+    with_reference = question["category"] in config.judge.reference_categories
+    reference = references.get(question["question_id"], [])
+    requests = []
+    for turn in config.judge.turns:
+        if turn > min(len(question["turns"]), len(turns)):
             continue
-        turns = answer["choices"][0]["turns"]
-        with_reference = question["category"] in config.judge.reference_categories
-        reference = references.get(question["question_id"], [])
-        for turn in config.judge.turns:
-            if turn > min(len(question["turns"]), len(turns)):
-                continue
-            base = "single-math-v1" if with_reference and reference else "single-v1"
-            fields = {
-                "question": question["turns"][turn - 1],
-                "answer": turns[turn - 1],
-                "question_1": question["turns"][0],
-                "answer_1": turns[0],
-                "question_2": question["turns"][1] if len(question["turns"]) > 1 else "",
-                "answer_2": turns[1] if len(turns) > 1 else "",
-                "ref_answer_1": reference[0] if reference else "",
-                "ref_answer_2": reference[1] if len(reference) > 1 else "",
+        base = "single-math-v1" if with_reference and reference else "single-v1"
+        fields = {
+            "question": question["turns"][turn - 1],
+            "answer": turns[turn - 1],
+            "question_1": question["turns"][0],
+            "answer_1": turns[0],
+            "question_2": question["turns"][1] if len(question["turns"]) > 1 else "",
+            "answer_2": turns[1] if len(turns) > 1 else "",
+            "ref_answer_1": reference[0] if reference else "",
+            "ref_answer_2": reference[1] if len(reference) > 1 else "",
+        }
+        name = label = base
+        if turn == 2 and f"{base}-multi-turn" in prompts:
+            name = label = f"{base}-multi-turn"
+        elif turn == 2:
+            label = f"{base} (turn 2: conversation as the question)"
+            fields["question"] = _TURN2_SINGLE_PROMPT.format(**fields)
+            fields["ref_answer_1"] = fields["ref_answer_2"]
+        template = prompts[name]
+        requests.append(
+            {
+                "question_id": question["question_id"],
+                "category": question["category"],
+                "sample": sample,
+                "turn": turn,
+                "model": answer.get("model_id"),
+                "prompt": label,
+                "system": template.get("system_prompt", ""),
+                "user": template["prompt_template"].format_map(fields),
             }
-            name = label = base
-            if turn == 2 and f"{base}-multi-turn" in prompts:
-                name = label = f"{base}-multi-turn"
-            elif turn == 2:
-                label = f"{base} (turn 2: conversation as the question)"
-                fields["question"] = _TURN2_SINGLE_PROMPT.format(**fields)
-                fields["ref_answer_1"] = fields["ref_answer_2"]
-            template = prompts[name]
-            requests.append(
-                {
-                    "question_id": question["question_id"],
-                    "category": question["category"],
-                    "turn": turn,
-                    "model": answer.get("model_id"),
-                    "prompt": label,
-                    "system": template.get("system_prompt", ""),
-                    "user": template["prompt_template"].format_map(fields),
-                }
-            )
+        )
     return requests
 
 
@@ -387,23 +377,41 @@ def run_judge(
     logger: logging.Logger,
     client: JudgeClient | None = None,
 ) -> dict[str, Any]:
-    """Judge every (question, turn) not yet in ``judgments.jsonl``; summarise all of them."""
+    """Judge every (question, sample, turn) not yet in ``judgments.jsonl``; summarise all of them."""
+    from eval.judge_client import JudgeClient, JudgeError, JudgeRedirected
+
     questions = read_questions(_required(config.mt_bench.questions, "mt_bench.questions"))
     prompts = read_judge_prompts(_required(config.judge.prompts, "judge.prompts"))
     references = read_references(config.judge.references)
+    samples = config.mt_bench.samples
     answer_records, _ = read_jsonl(answers_path)
-    answers = {r["question_id"]: r for r in answer_records if r.get("choices")}
-    missing = [q["question_id"] for q in questions if q["question_id"] not in answers]
+    answers = {
+        (r["question_id"], sample_of(r)): r
+        for r in answer_records
+        if r.get("choices") and "question_id" in r
+    }
+    missing = [
+        (q["question_id"], sample)
+        for sample in range(samples)
+        for q in questions
+        if (q["question_id"], sample) not in answers
+    ]
     if missing:
-        logger.warning("judge: %s questions have no answer in %s", len(missing), answers_path)
+        logger.warning(
+            "judge: %s of %s (question, sample) pairs have no answer in %s",
+            len(missing),
+            len(questions) * samples,
+            answers_path,
+        )
     path = run_dir / JUDGMENTS
     existing, _ = read_jsonl(path)
-    done = {(r["question_id"], r["turn"]) for r in existing if "turn" in r}
+    done = {(r["question_id"], sample_of(r), r["turn"]) for r in existing if "turn" in r}
     requests = [
         r
         for r in judge_requests(questions, answers, prompts, references, config)
-        if (r["question_id"], r["turn"]) not in done
+        if (r["question_id"], r["sample"], r["turn"]) not in done
     ]
+    own_client = client is None
     client = client or JudgeClient(config.judge_endpoint, config.judge, logger)
     failures: list[str] = []
     appender = _Appender(path)
@@ -417,30 +425,39 @@ def run_judge(
                 request = futures[future]
                 progress.update()
                 try:
-                    judgment = future.result()
+                    reply = future.result()
                 except JudgeError as error:
                     failures.append(
-                        f"question {request['question_id']} turn {request['turn']}: {error}"
+                        f"question {request['question_id']} sample {request['sample']} "
+                        f"turn {request['turn']}: {error}"
                     )
                     continue
-                score = parse_score(judgment)
+                except JudgeRedirected:
+                    # Nothing more goes out: requests not yet started are dropped.
+                    for pending in futures:
+                        pending.cancel()
+                    raise
                 appender.write(
                     {
                         "question_id": request["question_id"],
                         "category": request["category"],
+                        "sample": request["sample"],
                         "turn": request["turn"],
                         "model": request["model"],
                         "judge": [config.judge.model, request["prompt"]],
+                        "served_model": reply.model,
                         "user_prompt": request["user"],
-                        "judgment": judgment,
-                        "score": score,
+                        "judgment": reply.text,
+                        "score": parse_score(reply.text),
                         "tstamp": time.time(),
                     }
                 )
     finally:
         appender.close()
+        if own_client:
+            client.close()
     judgments, _ = read_jsonl(path)
-    summary = summarize(judgments, questions)
+    summary = summarize(judgments, questions, samples)
     summary.update(
         answers_missing=len(missing), failed=len(failures), retries=getattr(client, "retries", 0)
     )
@@ -449,38 +466,83 @@ def run_judge(
     return summary
 
 
-def summarize(judgments: list[dict[str, Any]], questions: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean scores per category and turn, and overall; unparsed judgments counted, not scored."""
-    by_category: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+def summarize(
+    judgments: list[dict[str, Any]], questions: list[dict[str, Any]], samples: int = 1
+) -> dict[str, Any]:
+    """Scores per category and turn, and overall: each sample's mean, then the mean over samples.
+
+    ``score_std`` is the standard deviation of the per-sample means (None with one sample),
+    ``samples`` how many samples have a score. Unparsed judgments are counted, not scored.
+    """
+    latest: dict[tuple[Any, int, int], dict[str, Any]] = {}
+    for judgment in judgments:
+        sample = sample_of(judgment)
+        if "turn" in judgment and sample is not None and sample < samples:
+            latest[judgment["question_id"], sample, judgment["turn"]] = judgment
+    # scores[category][sample][turn]: the parsed scores of one sample's judgments
+    scores: dict[str, dict[int, dict[int, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
     unparsed = 0
-    latest = {(j["question_id"], j["turn"]): j for j in judgments}
-    for judgment in latest.values():
+    for (_, sample, turn), judgment in latest.items():
         if judgment.get("score") is None:
             unparsed += 1
             continue
-        by_category[judgment["category"]][judgment["turn"]].append(float(judgment["score"]))
+        scores[judgment["category"]][sample][turn].append(float(judgment["score"]))
     order = list(dict.fromkeys(q["category"] for q in questions))
-    categories = {}
-    for category in order + sorted(set(by_category) - set(order)):
-        turns = by_category.get(category, {})
-        scores = [s for values in turns.values() for s in values]
-        categories[category] = {
-            "score": _mean(scores),
-            **{f"turn_{t}": _mean(turns.get(t, [])) for t in (1, 2)},
-            "judged": len(scores),
-        }
-    every = [s for turns in by_category.values() for values in turns.values() for s in values]
-    per_turn = {
-        f"turn_{t}": _mean([s for turns in by_category.values() for s in turns.get(t, [])])
-        for t in (1, 2)
+    categories = {
+        category: _figures(scores.get(category, {}))
+        for category in order + sorted(set(scores) - set(order))
     }
+    every: dict[int, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for by_sample in scores.values():
+        for sample, turns in by_sample.items():
+            for turn, values in turns.items():
+                every[sample][turn] += values
+    per_sample = _sample_means(every)
     return {
-        "overall": {"score": _mean(every), **per_turn, "judged": len(every)},
+        "overall": _figures(every),
         "categories": categories,
+        "samples": samples,
+        "sample_scores": [_rounded(per_sample.get(k)) for k in range(samples)],
         "judgments": len(latest),
         "unparsed": unparsed,
+        "served_models": sorted(
+            {j["served_model"] for j in latest.values() if j.get("served_model")}
+        ),
     }
 
 
-def _mean(values: list[float]) -> float | None:
-    return round(sum(values) / len(values), 4) if values else None
+def _sample_means(
+    by_sample: dict[int, dict[int, list[float]]], turn: int | None = None
+) -> dict[int, float]:
+    """Each sample's mean score (of one turn, or of all); samples without a score left out."""
+    means = {}
+    for sample, turns in by_sample.items():
+        values = [s for t, scored in turns.items() if turn in (None, t) for s in scored]
+        if values:
+            means[sample] = sum(values) / len(values)
+    return means
+
+
+def _figures(by_sample: dict[int, dict[int, list[float]]]) -> dict[str, Any]:
+    """Mean over samples of the score and of each turn's score, the spread of the scores, counts."""
+    means = list(_sample_means(by_sample).values())
+    return {
+        "score": _rounded(_average(means)),
+        "score_std": _rounded(statistics.stdev(means)) if len(means) > 1 else None,
+        **{
+            f"turn_{t}": _rounded(_average(list(_sample_means(by_sample, t).values())))
+            for t in (1, 2)
+        },
+        "samples": len(means),
+        "judged": sum(len(scored) for turns in by_sample.values() for scored in turns.values()),
+    }
+
+
+def _average(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)

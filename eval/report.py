@@ -139,6 +139,17 @@ def markdown(report: dict[str, Any]) -> str:
         from eval.categories import markdown_lines
 
         lines += markdown_lines(report["llm_jp_eval"])
+    judge = report.get("judge")
+    if judge:
+        served = ", ".join(judge.get("served_models") or []) or "no name given"
+        samples = settings.get("samples", 1)
+        lines += [
+            "",
+            f"Judge `{judge['model']}` (the endpoint answered as: {served}), prompts "
+            f"`{judge['prompts']}` SHA-256 `{judge['prompts_sha256'][:12]}`; {samples} "
+            f"answer{'s' if samples != 1 else ''} per question: `score` is the mean over samples "
+            "of each sample's mean, `score_std` the standard deviation of those means.",
+        ]
     placement = settings.get("placement") or {}
     if placement.get("misplaced"):
         lines += [

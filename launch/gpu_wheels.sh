@@ -11,8 +11,8 @@
 #   matches its driver; the others are close enough to the pins for the GPU stages);
 IMAGE_HAS="torch transformers tokenizers safetensors sentencepiece numpy pyarrow xxhash tqdm matplotlib scipy peft protobuf pyyaml"
 # - not needed there: data preparation (its quality classifier too) and tokenizer encoding run on CPU machines (bring their
-#   outputs), and W&B cannot log without internet;
-LEFT_OUT="datatrove datasets orjson fasttext-wheel wandb"
+#   outputs), and neither W&B nor the MT-Bench judge (httpx, imported only to judge) works without internet;
+LEFT_OUT="datatrove datasets orjson fasttext-wheel wandb httpx"
 # - brought, at pyproject's version, with the dependencies the image lacks (build below).
 BROUGHT="deepspeed pydantic torchao"
 #

@@ -1,17 +1,21 @@
-"""Japanese MT-Bench: answers with the chat template that resume after a crash, and the judge client
-against a real HTTP server on 127.0.0.1 (retried failures, malformed replies, resumable judgments)."""
+"""Japanese MT-Bench: answers with the chat template that resume after a crash, several samples per
+question, and the judge client against real HTTP servers on 127.0.0.1 (retried failures, malformed
+replies, resumable judgments, redirects, the key kept to the endpoint's origin)."""
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
+import statistics
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from test_eval import build_tokenizer, loaded_from, mistral, save
 
-from common.errors import KinoeError
+from common.errors import ConfigError, KinoeError
 from common.run import load_stage_config, run_stage
 from eval.cli import STEPS, step_dir
 from eval.config import EvalConfig
@@ -73,20 +77,49 @@ class Judge:
     def __init__(self) -> None:
         self.requests: list[dict] = []
         self.failures_first = [500, 429]  # the first requests fail once each, then succeed
+        self.redirects: list[tuple[int, str]] = []  # the first requests get (status, Location)
+        self.stalls: list[float] = []  # the first requests wait this long before answering
         self.always_fail: list[str] = []  # user prompts containing these get HTTP 500
         self.malformed: list[str] = []  # ... get a reply without [[score]]
+        self.scores: dict[str, str] = {}  # ... containing a key get its score, e.g. {"たぶん": "4"}
         self.lock = threading.Lock()
         judge = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                user = body["messages"][-1]["content"]
+            def record(self) -> dict | None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = json.loads(raw) if raw else None
                 with judge.lock:
                     judge.requests.append(
-                        {"path": self.path, "auth": self.headers.get("Authorization"), "body": body}
+                        {
+                            "method": self.command,
+                            "path": self.path,
+                            "auth": self.headers.get("Authorization"),
+                            "body": body,
+                        }
                     )
-                    failure = judge.failures_first.pop(0) if judge.failures_first else None
+                return body
+
+            def do_GET(self):
+                self.record()
+                self.send_response(405)
+                self.end_headers()
+
+            def do_POST(self):
+                user = self.record()["messages"][-1]["content"]
+                with judge.lock:
+                    redirect = judge.redirects.pop(0) if judge.redirects else None
+                    stall = judge.stalls.pop(0) if judge.stalls and redirect is None else 0.0
+                    failure = None
+                    if redirect is None and not stall and judge.failures_first:
+                        failure = judge.failures_first.pop(0)
+                if redirect is not None:
+                    self.send_response(redirect[0])
+                    self.send_header("Location", redirect[1])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                time.sleep(stall)
                 if failure is None and any(marker in user for marker in judge.always_fail):
                     failure = 500
                 if failure is not None:
@@ -96,7 +129,10 @@ class Judge:
                     self.end_headers()
                     self.wfile.write(b'{"error": {"message": "try again"}}')
                     return
-                if "[ユーザーの2回目の質問]" in user:
+                scored = [score for marker, score in judge.scores.items() if marker in user]
+                if scored:
+                    content = f"評価：[[{scored[0]}]]"
+                elif "[ユーザーの2回目の質問]" in user:
                     content = (
                         "簡潔で正確です。評価：［［７］］"  # full-width, as judges sometimes write
                     )
@@ -105,7 +141,8 @@ class Judge:
                 else:
                     content = "良い回答です。評価：[[8]]"
                 reply = {
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]
+                    "model": "judge-test-0613",  # the endpoint's own name for the model
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content}}],
                 }
                 data = json.dumps(reply, ensure_ascii=False).encode("utf-8")
                 self.send_response(200)
@@ -119,14 +156,34 @@ class Judge:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self.server.server_port}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 @pytest.fixture
 def judge():
     server = Judge()
     yield server
-    server.server.shutdown()
+    server.close()
+
+
+def write_answers(path: Path, questions: list[dict], turns: list[str], **fields) -> Path:
+    """Answers in FastChat's format, as made elsewhere; ``fields`` such as sample=1 added."""
+    with path.open("a", encoding="utf-8") as handle:
+        for q in questions:
+            record = {
+                "question_id": q["question_id"],
+                "model_id": "external",
+                "choices": [{"index": 0, "turns": turns}],
+                **fields,
+            }
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
 
 
 def test_scores_are_read_as_fastchat_reads_them():
@@ -218,14 +275,28 @@ def test_mt_bench_command_answers_then_judges_with_retries(
     results = {r["task"]: r for r in report["results"]}
     assert results["mt_bench"]["metrics"] == {
         "score": pytest.approx(37 / 5),
+        "score_std": None,  # one sample: no spread
         "turn_1": 8.0,
         "turn_2": 7.0,
+        "samples": 1,
     }
     assert results["mt_bench/extraction"]["metrics"] == {
         "score": 7.0,
+        "score_std": None,
         "turn_1": None,
         "turn_2": 7.0,
+        "samples": 1,
     }
+    # The judge is pinned by the prompt file's content and the model, as asked and as served.
+    prompts_sha256 = hashlib.sha256((MT_BENCH / "judge_ja_prompts.jsonl").read_bytes()).hexdigest()
+    version = f"judge_ja_prompts@sha256:{prompts_sha256[:12]}+judge-test"
+    assert {r["prompt_version"] for r in report["results"]} == {version}
+    assert report["judge"]["prompts_sha256"] == prompts_sha256
+    assert report["judge"]["served_models"] == ["judge-test-0613"]
+    assert (
+        "Judge `judge-test` (the endpoint answered as: judge-test-0613)"
+        in (runs / "judge" / "report.md").read_text()
+    )
     assert results["mt_bench/writing"]["examples"] == 2
     assert (
         "| mt_bench/reasoning | judge | score | 7.5000 |"
@@ -241,6 +312,7 @@ def test_mt_bench_command_answers_then_judges_with_retries(
         "content": "あなたは有益な助手です。",
     }
     judgments, _ = read_jsonl(runs / "judge" / JUDGMENTS)
+    assert {(j["sample"], j["served_model"]) for j in judgments} == {(0, "judge-test-0613")}
     prompts = {(j["category"], j["turn"]): j["judge"][1] for j in judgments}
     assert prompts["writing", 1] == "single-v1"
     assert prompts["reasoning", 1] == "single-math-v1"
@@ -256,53 +328,150 @@ def test_mt_bench_command_answers_then_judges_with_retries(
     assert KEY not in result.stderr + result.stdout
 
 
+def test_samples_are_seeded_apart_and_an_old_answers_file_is_extended(
+    model_dir, questions, tmp_path
+):
+    greedy = config_for(tmp_path / "greedy", questions, model_dir, **{"mt_bench.samples": 2})
+    with pytest.raises(
+        KinoeError, match=r"^mt_bench.samples=2, but reasoning, extraction are answered greedily"
+    ) as error:
+        run_stage(STEPS["mt-bench"], greedy)
+    assert "\n" not in str(error.value)
+
+    # Every category at default_temperature (0.7): an empty table replaces FastChat's.
+    config = config_for(
+        tmp_path, questions, model_dir, batch_size=2,
+        **{"mt_bench.samples": 2, "mt_bench.temperatures": "{}"},
+    )  # fmt: skip
+    records, _ = read_jsonl(questions)
+    answers_path = step_dir(config, "mt-bench") / ANSWERS
+    answers_path.parent.mkdir(parents=True)
+    write_answers(answers_path, records[:1], ["前の回答。", "前の二つ目。"])  # no sample: sample 0
+    result = run_stage(STEPS["mt-bench"], config)
+    summary = result.manifest.summary
+    assert (summary["answered_before"], summary["answered_now"], summary["samples"]) == (1, 5, 2)
+    answers, _ = read_jsonl(answers_path)
+    assert "sample" not in answers[0]  # the old record is kept as it was
+    made = {(a["question_id"], a["sample"]): a for a in answers[1:]}
+    every = {(q["question_id"], k) for q in records for k in (0, 1)}
+    assert set(made) == every - {(records[0]["question_id"], 0)}
+    assert {a["decoding"]["seed"] for a in made.values() if a["sample"] == 0} == {42}
+    assert {a["decoding"]["seed"] for a in made.values() if a["sample"] == 1} == {1042}
+    texts = {key: a["choices"][0]["turns"] for key, a in made.items()}
+    assert any(texts[q["question_id"], 0] != texts[q["question_id"], 1] for q in records[1:])
+
+
 def test_judging_resumes_after_the_endpoint_fails(questions, judge, tmp_path, caplog):
     records, _ = read_jsonl(questions)
-    answers = tmp_path / "external_answers.jsonl"
-    answers.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "question_id": q["question_id"],
-                    "model_id": "external",
-                    "choices": [{"index": 0, "turns": ["はい。", "いいえ。"]}],
-                },
-                ensure_ascii=False,
-            )
-            + "\n"
-            for q in records[:2]  # the third question has no answer
-        ),
-        encoding="utf-8",
+    # Two samples of the first two questions (the third has none): sample 0 written before
+    # samples existed (no "sample" key), sample 1 scored 4 where sample 0 is scored 8.
+    answers = write_answers(
+        tmp_path / "external_answers.jsonl", records[:2], ["はい。", "いいえ。"]
     )
+    write_answers(answers, records[:2], ["たぶん。", "いいえ。"], sample=1)
+    judge.scores = {"たぶん。": "4"}
     config = config_for(
         tmp_path, questions, **{"judge.answers": answers, "judge_endpoint.base_url": judge.base_url,
-        "judge_endpoint.max_retries": 1, "judge.turns": "[1]"},
+        "judge_endpoint.max_retries": 1, "judge.turns": "[1]", "mt_bench.samples": 2},
     )  # fmt: skip
     judge.failures_first = []
     judge.always_fail = [records[1]["turns"][0]]
     with pytest.raises(
-        KinoeError, match=r"^1 judgments failed .*HTTP 500.*run the same command again"
+        KinoeError, match=r"^2 judgments failed .*HTTP 500.*run the same command again"
     ) as error:
         run_stage(STEPS["judge"], config)
     assert "\n" not in str(error.value)
     manifest = json.loads((step_dir(config, "judge") / "manifest.json").read_text())
-    assert manifest["status"] == "failed" and manifest["summary"]["failed"] == 1
-    assert manifest["summary"]["answers_missing"] == 1
-    first, _ = read_jsonl(step_dir(config, "judge") / JUDGMENTS)
-    assert [j["question_id"] for j in first] == [records[0]["question_id"]]
+    assert manifest["status"] == "failed" and manifest["summary"]["failed"] == 2
+    assert manifest["summary"]["answers_missing"] == 2
+    judgments_path = step_dir(config, "judge") / JUDGMENTS
+    first, _ = read_jsonl(judgments_path)
+    assert sorted((j["question_id"], j["sample"]) for j in first) == [
+        (records[0]["question_id"], 0),
+        (records[0]["question_id"], 1),
+    ]
     asked = len(judge.requests)
-    assert asked == 3  # one success, one failure retried once
+    assert asked == 6  # two successes, two failures retried once each
+    # A judgment written before samples existed has no "sample": it counts as sample 0.
+    judgments_path.write_text(
+        "".join(
+            json.dumps({k: v for k, v in j.items() if (k, j["sample"]) != ("sample", 0)}) + "\n"
+            for j in first
+        )
+    )
 
     judge.always_fail = []
     result = run_stage(STEPS["judge"], config)
-    assert result.status == "complete" and result.manifest.summary["overall"]["judged"] == 2
-    assert len(judge.requests) == asked + 1  # only the failed one is asked again
-    judgments, _ = read_jsonl(step_dir(config, "judge") / JUDGMENTS)
-    assert sorted(j["question_id"] for j in judgments) == sorted(
-        q["question_id"] for q in records[:2]
+    summary = result.manifest.summary
+    assert result.status == "complete" and summary["overall"]["judged"] == 4
+    assert len(judge.requests) == asked + 2  # only the failed ones are asked again
+    assert summary["sample_scores"] == [8.0, 4.0]
+    assert summary["overall"]["score"] == 6.0
+    assert summary["overall"]["score_std"] == pytest.approx(statistics.stdev([8, 4]), abs=1e-4)
+    assert summary["overall"]["samples"] == 2
+    judgments, _ = read_jsonl(judgments_path)
+    assert sorted((j["question_id"], j.get("sample", 0)) for j in judgments) == sorted(
+        (q["question_id"], k) for q in records[:2] for k in (0, 1)
     )
 
     with pytest.raises(KinoeError, match=r"judge_endpoint.base_url is not set"):
         run_stage(
             STEPS["judge"], config_for(tmp_path / "other", questions, **{"judge.answers": answers})
         )
+
+
+def test_the_key_goes_only_to_the_endpoint_origin(questions, judge, tmp_path, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, KEY)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    records, _ = read_jsonl(questions)
+    answers = write_answers(tmp_path / "answers.jsonl", records[:1], ["はい。", "いいえ。"])
+    values = {"judge.answers": answers, "judge.turns": "[1]", "judge_endpoint.max_retries": 1}
+    judge.failures_first = []
+
+    # The same origin: followed (307 keeps the POST), the key still sent. A stalled reply times out
+    # and is retried.
+    judge.redirects = [(307, "/v1/moved/chat/completions")]
+    judge.stalls = [3.0]
+    config = config_for(
+        tmp_path / "same", questions,
+        **values, **{"judge_endpoint.base_url": judge.base_url, "judge_endpoint.timeout_s": 1.0},
+    )  # fmt: skip
+    result = run_stage(STEPS["judge"], config)
+    assert result.status == "complete" and result.manifest.summary["retries"] == 1
+    assert [(r["path"], r["auth"]) for r in judge.requests] == [
+        ("/v1/chat/completions", f"Bearer {KEY}"),
+        ("/v1/moved/chat/completions", f"Bearer {KEY}"),
+        ("/v1/chat/completions", f"Bearer {KEY}"),
+    ]
+
+    # Another origin (the same address, another port): refused before anything is sent there.
+    other = Judge()
+    judge.requests = []
+    judge.redirects = [(302, f"{other.base_url}/chat/completions")]
+    config = config_for(
+        tmp_path / "cross", questions, **values, **{"judge_endpoint.base_url": judge.base_url}
+    )
+    with pytest.raises(
+        KinoeError,
+        match=rf"^judge endpoint {judge.base_url}/chat/completions redirected to another origin "
+        rf"\(http://127.0.0.1:{other.server.server_port}\); .*judge_endpoint.base_url",
+    ) as error:
+        run_stage(STEPS["judge"], config)
+    assert "\n" not in str(error.value) and KEY not in str(error.value)
+    assert len(judge.requests) == 1 and other.requests == []
+
+    # Nothing listening: connection errors are retried, then the request fails.
+    other.close()
+    config = config_for(
+        tmp_path / "down", questions, **values, **{"judge_endpoint.base_url": other.base_url}
+    )
+    with pytest.raises(KinoeError, match=r"^1 judgments failed .*failed 2 times .*ConnectError"):
+        run_stage(STEPS["judge"], config)
+
+    # http:// to anything but loopback is refused when the config is read, from the environment too.
+    with pytest.raises(ConfigError, match=r"is http:// to example.com.*use https://example.com"):
+        config_for(tmp_path, questions, **{"judge_endpoint.base_url": "http://example.com/v1"})
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://example.com/v1")
+    config = config_for(tmp_path / "environment", questions, **{"judge.answers": answers})
+    with pytest.raises(KinoeError, match=r"^\$OPENAI_BASE_URL is http:// to example.com"):
+        run_stage(STEPS["judge"], config)
