@@ -79,8 +79,8 @@ FORMER_FILTERS = {
         "characters": {
             "enabled": True,
             "min_japanese_fraction": 0.7,
-            "min_hiragana_fraction": 0.0,
-            "kana_below_chars": 0,
+            "min_hiragana_fraction": 0.05,
+            "kana_below_chars": 2_000_000,
             "min_level1_kanji_fraction": 1.0,
             "max_katakana_fraction": 0.8,
         },
@@ -132,7 +132,7 @@ FORMER_PATTERN_COUNT = {"web": 10, "wikipedia": 0, "literature": 0}
 FORMER_DIGESTS = {
     "web": "141d76139d0e2bccc2bd45cf9ad5323f4e9e2cec058e607e191f419af6981c7a",
     "wikipedia": "2aa4277c0175813a16191c5b7cbb3c426ca55314e307f19da65b26148b121bdb",
-    "literature": "58ae6f2a30995fc34283bbb8e1942508217ca9829bcab481a7bf3b9989af9534",
+    "literature": "33e16bbb9c960e899d33abc876784e7c89854195d09cd6d0f9a16318a8f01233",
 }
 # Settings a preset may leave at the rule's default rather than give with a reason.
 NOT_THRESHOLDS = {"enabled", "word_list"}
