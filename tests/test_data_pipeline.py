@@ -51,13 +51,13 @@ def corpus(tmp_path_factory, request) -> dict:
     (root / "aozora").mkdir()
     shutil.copy(shared / "corpus" / "aozora" / "card000081.tar.gz", root / "aozora")
 
-    # Real web pages: six become planted originals (and leave the web source), one is copied
+    # Real web pages: seven become planted originals (and leave the web source), one is copied
     # into the planted source as a duplicate across sources.
     web = read_jsonl_gz(shared / "corpus" / "fineweb2_ja_web.jsonl.gz")
     long_pages = sorted((d for d in web if 800 <= len(d["text"]) <= 1200), key=lambda d: d["id"])[
-        :7
+        :8
     ]
-    used = {page["id"] for page in long_pages[:6]}
+    used = {page["id"] for page in long_pages[:6] + long_pages[7:8]}
     (root / "web").mkdir()
     with gzip.open(root / "web" / "fineweb2_ja_web.jsonl.gz", "wt", encoding="utf-8") as handle:
         for page in web:
@@ -79,6 +79,11 @@ def corpus(tmp_path_factory, request) -> dict:
         planted.append({"id": f"twin-b-{index}", "text": page["text"]})
         exact_pairs.append((f"twin-a-{index}", f"twin-b-{index}"))
     planted.append({"id": "cross-source", "text": long_pages[6]["text"]})
+    # A cluster of four input documents: a page, its exact copy, a near copy and that copy's
+    # exact copy; the one kept stands for all four (minhash_cluster_size 4).
+    near_copy = edit_a_few_characters(long_pages[7]["text"], rng)
+    for name, text in (("a", long_pages[7]["text"]), ("b", near_copy)):
+        planted += [{"id": f"four-{name}", "text": text}, {"id": f"four-{name}-copy", "text": text}]
     # Distinct documents that MinHash alone would merge (issue 19): a short lead and the same
     # lead about another place (exact dedup only below minhash.min_chars), and a long text
     # sharing 82% of another (Jaccard about 0.7: a likely band candidate, rejected on verification).
@@ -98,6 +103,14 @@ def corpus(tmp_path_factory, request) -> dict:
     (root / "planted").mkdir()
     with (root / "planted" / "copies.jsonl").open("w", encoding="utf-8") as handle:
         for record in planted:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    # Read by the second task, which has no duplicate to remove: its kept documents still need
+    # a cluster size (datatrove's cluster step wrote none for such a task).
+    unique = [
+        {"id": f"unique-{i}", "text": "".join(leads[500 + 10 * i : 510 + 10 * i])} for i in range(3)
+    ]
+    with (root / "planted" / "unique.jsonl").open("w", encoding="utf-8") as handle:
+        for record in unique:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     (root / "bad").mkdir()
@@ -137,7 +150,9 @@ def corpus(tmp_path_factory, request) -> dict:
         "blocked_ids": {
             page["id"] for page in kept_web if page["url"].split("/")[2].endswith(blocked)
         },
-        "planted_docs": len(planted),
+        "planted_docs": len(planted) + len(unique),
+        "cluster_of_four": {"four-a", "four-a-copy", "four-b", "four-b-copy"},
+        "unique_ids": {record["id"] for record in unique},
         "bad_lines": 9 + len(sjis_lines),
     }
 
@@ -200,10 +215,28 @@ def test_run_completes_with_a_balanced_funnel(finished, corpus):
 def test_kept_documents_follow_the_contract(finished):
     documents = documents_in(finished["run_dir"] / "documents")
     assert documents
-    for document in documents[:200]:
+    for document in documents:
         assert set(document) == {"id", "text", "source", "metadata"}
         assert document["text"] and document["source"] in {"wikipedia", "web", "planted", "aozora"}
-        assert "minhash_cluster_size" in document["metadata"]
+        assert document["metadata"]["minhash_cluster_size"] >= 1
+
+
+def test_cluster_size_counts_every_exact_and_near_copy(finished, corpus):
+    """A kept document's minhash_cluster_size is the number of input documents it stands for."""
+    run_dir = finished["run_dir"]
+    kept = {d["id"]: d["metadata"] for d in documents_in(run_dir / "documents")}
+    four = [kept[i]["minhash_cluster_size"] for i in corpus["cluster_of_four"] if i in kept]
+    assert four == [4]
+    for pair in corpus["near_pairs"] + corpus["exact_pairs"] + [corpus["cross_source_pair"]]:
+        assert [kept[i]["minhash_cluster_size"] for i in pair if i in kept] == [2], pair
+    assert all(kept[i]["minhash_cluster_size"] == 1 for i in corpus["unique_ids"])
+    # Every document the dedup steps removed is counted in exactly one kept document's size.
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    removed = {row["step"]: row["removed_documents"] for row in report["steps"]}
+    represented = sum(metadata["minhash_cluster_size"] for metadata in kept.values())
+    assert represented == len(kept) + removed["exact_dedup"] + removed["near_dedup"]
+    assert report["dedup"]["documents_represented"] == represented
+    assert report["dedup"]["kept_by_cluster_size"]["4"] >= 1
 
 
 def test_wikipedia_leads_mostly_survive(finished, corpus):
