@@ -652,6 +652,19 @@ def test_rehydration_repeats_documents_by_cluster_size(finished, corpus, tmp_pat
     assert share_on > 1.5 * share_off
     unique = [*on["processor"].encode(planted["unique-0"].text), on["processor"].eos_id()]
     assert sum(shard.count(unique) for shard in on_shards.values()) == 1
+    # A size that is not a count stops the task, naming the document.
+    from datatrove.data import Document
+
+    from tokenizer.encode import EncodeShards
+
+    model = str(SHARED / "tokenizers" / "mistral-7b-v0.1.model")
+    odd = Document(
+        text="件数が文字列の文書。",
+        id="odd",
+        metadata={"source": "planted", "minhash_cluster_size": "3"},
+    )
+    with pytest.raises(ValueError, match=r"'odd' has minhash_cluster_size '3', not a whole"):
+        list(EncodeShards(model, str(tmp_path / "odd"), rehydrate=rehydrate).run(iter([odd])))
     # A source not listed is written as before, byte for byte.
     for suffix in (".bin", ".idx"):
         assert (tmp_path / "on" / "web" / f"00000{suffix}").read_bytes() == (

@@ -173,7 +173,13 @@ class EncodeShards(PipelineStep):
         size = document.metadata.get("minhash_cluster_size")
         if size is None:  # near dedup was off: the document counts as unique
             tally["without_cluster_size"] += 1
-        copies = self.rehydrate.copies_for(int(size or 1))
+            size = 1
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(
+                f"document {document.id!r} has minhash_cluster_size {size!r}, not a whole number "
+                f"of at least 1; rehydrate only sources deduplicated by kinoe data"
+            )
+        copies = self.rehydrate.copies_for(size)
         by_copies = tally["documents_by_copies"]
         by_copies[str(copies)] = by_copies.get(str(copies), 0) + 1
         return copies
