@@ -11,6 +11,11 @@ similarity of the two documents' shingle sets (kept per task on disk by the sign
 so the band curve can be generous without merging distinct documents, and documents shorter
 than ``min_chars`` are left to exact dedup: two short leads share most of their few 5-grams
 (a template sentence with another name) without being copies.
+
+Clusters are formed by union-find over the verified pairs (``MinhashCluster``). A kept
+document's ``minhash_cluster_size`` counts the input documents it stands for: the members of
+its near-duplicate cluster and the exact copies each of them had (``duplicate_count``), as
+FineWeb-2's MinHash, which saw exact copies too, counted them. Rehydration upsamples by it.
 """
 
 from __future__ import annotations
@@ -116,7 +121,8 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
 
 class ShingleStore:
     """Each task's documents' shingle sets, in input order: ``<rank>.u32`` holds the sorted
-    distinct low 32 bits of every shingle hash, ``<rank>.offsets.npy`` where each document starts.
+    distinct low 32 bits of every shingle hash, ``<rank>.offsets.npy`` where each document starts,
+    ``<rank>.copies.npy`` how many input documents each stands for (itself and its exact copies).
 
     32 bits halve the disk (4 bytes per character, about the UTF-8 size of Japanese text);
     two distinct shingles collide with probability 2^-32, which moves a Jaccard similarity of
@@ -142,14 +148,24 @@ class ShingleStore:
         offsets, values = self._cache[rank]
         return np.asarray(values[offsets[index] : offsets[index + 1]])
 
+    def ranks(self) -> list[int]:
+        """The tasks whose documents were stored, in order."""
+        return sorted(int(path.name.split(".")[0]) for path in self.folder.glob("*.copies.npy"))
+
+    def copies(self, rank: int) -> np.ndarray:
+        """Input documents each document of task ``rank`` stands for (uint32, one per document)."""
+        return np.load(self.folder / f"{rank:05d}.copies.npy")
+
 
 class _ShingleWriter:
     def __init__(self, folder: Path, rank: int):
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"{rank:05d}.u32"
         self.offsets_path = folder / f"{rank:05d}.offsets.npy"
+        self.copies_path = folder / f"{rank:05d}.copies.npy"
         self.handle = self.path.open("wb")
         self.offsets = [0]
+        self.copies: list[int] = []
 
     def add(self, shingles: np.ndarray) -> None:
         low = np.unique(shingles.ravel().astype(np.uint32))  # astype keeps the low 32 bits
@@ -159,6 +175,7 @@ class _ShingleWriter:
     def close(self) -> None:
         self.handle.close()
         np.save(self.offsets_path, np.asarray(self.offsets, dtype=np.int64))
+        np.save(self.copies_path, np.asarray(self.copies, dtype=np.uint32))
 
 
 class CharacterMinhashSignature(MinhashDedupSignature):
@@ -179,10 +196,17 @@ class CharacterMinhashSignature(MinhashDedupSignature):
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1):
         self._writer = self.store.writer(rank)
         try:
-            super().run(data, rank, world_size)
+            super().run(self._counting_copies(data, self._writer), rank, world_size)
         finally:
             self._writer.close()
             self._writer = None
+
+    @staticmethod
+    def _counting_copies(data: DocumentsPipeline, writer: _ShingleWriter) -> DocumentsPipeline:
+        for doc in data:
+            # Exact dedup ran before and left how many copies of this text it removed.
+            writer.copies.append(1 + int(doc.metadata.get("duplicate_count", 0)))
+            yield doc
 
     def get_shingles(self, text: str) -> np.ndarray:
         # datatrove calls this once per document, in input order, which is the order the
@@ -252,6 +276,82 @@ class MinhashVerify(PipelineStep):
         tally = self.output_folder / "tally"
         tally.mkdir(exist_ok=True)
         (tally / f"{rank:05d}.json").write_text(json.dumps(counts))
+
+
+class MinhashCluster(PipelineStep):
+    """Union-find over the verified pairs: each cluster keeps its earliest document (lowest task,
+    then position) and every member gets the cluster's size in input documents; written as
+    datatrove's ``<task>.remove`` and ``<task>.sizes`` for its filter step.
+
+    datatrove's own cluster step counts only the documents near dedup saw, so a page whose exact
+    copies were removed before looked unique, and a task with nothing to remove got no sizes
+    file, so its documents carried no ``minhash_cluster_size``. Here every task gets both files.
+    """
+
+    type = "🫂 - DEDUP"
+    name = "minhash_cluster"
+
+    def __init__(self, verified_folder: str, signatures_folder: str, output_folder: str):
+        super().__init__()
+        self.verified_folder = Path(verified_folder)
+        self.store = ShingleStore(Path(signatures_folder) / "shingles")
+        self.output_folder = Path(output_folder)
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1):
+        # A node is task << 32 | position: an int orders like (task, position) and hashes fast.
+        parent: dict[int, int] = {}
+
+        def root(node: int) -> int:
+            top = node
+            while parent[top] != top:
+                top = parent[top]
+            while parent[node] != top:  # path compression keeps later finds short
+                parent[node], node = top, parent[node]
+            return top
+
+        with self.track_time():
+            for path in sorted(self.verified_folder.glob("*.dups")):
+                with path.open("rb") as source:
+                    for task_a, doc_a, task_b, doc_b in read_tuples_from_file(
+                        source, "4I", lines_to_buffer=1024
+                    ):
+                        a, b = task_a << 32 | doc_a, task_b << 32 | doc_b
+                        parent.setdefault(a, a)
+                        parent.setdefault(b, b)
+                        a, b = root(a), root(b)
+                        if a != b:
+                            parent[max(a, b)] = min(a, b)  # the earlier document stays the root
+            members_by_task: dict[int, list[int]] = {}
+            for node in parent:
+                members_by_task.setdefault(node >> 32, []).append(node)
+            size: dict[int, int] = {}
+            for task, members in members_by_task.items():
+                copies = self.store.copies(task)
+                for node in members:
+                    top = root(node)
+                    size[top] = size.get(top, 0) + int(copies[node & 0xFFFFFFFF])
+            self.output_folder.mkdir(parents=True, exist_ok=True)
+            for task in self.store.ranks():
+                self._write_task(task, members_by_task.get(task, []), root, size)
+            self.stat_update("clusters", value=len(size))
+            self.stat_update("to_remove", value=sum(node != root(node) for node in parent))
+
+    def _write_task(self, task: int, members: list[int], root, size: dict[int, int]) -> None:
+        """``<task>.remove`` (positions, ascending) and ``<task>.sizes`` (position, size) for every
+        document whose size is not 1: cluster members, and documents with exact copies."""
+        copies = self.store.copies(task)
+        with_copies = np.flatnonzero(copies > 1)
+        sizes = dict(zip(with_copies.tolist(), copies[with_copies].tolist(), strict=True))
+        removed = []
+        for node in members:
+            position = node & 0xFFFFFFFF
+            sizes[position] = size[root(node)]
+            if root(node) != node:
+                removed.append(position)
+        with (self.output_folder / f"{task:06d}.remove").open("wb") as out:
+            out.write(b"".join(struct.pack("<I", position) for position in sorted(removed)))
+        with (self.output_folder / f"{task:06d}.sizes").open("wb") as out:
+            out.write(b"".join(struct.pack("<II", p, sizes[p]) for p in sorted(sizes)))
 
 
 def verification_counts(verified_folder: Path) -> dict[str, int]:

@@ -55,8 +55,17 @@ class CharacterRule(Config):
     kana_below_chars: int = Field(
         ge=0,
         description="Documents with fewer non-whitespace characters meet min_hiragana_fraction "
-        "with hiragana and katakana together: a one-line lead of names and loanwords "
-        "(JRNフルネット局。) is Japanese without hiragana, a long text without any is a list",
+        "with hiragana and katakana together (kana_fraction), or failing that with kanji alone "
+        "(min_level1_kanji_fraction): a one-line lead of names and loanwords (JRNフルネット局。) "
+        "or of kanji terms (通称世陸、世界陸上。) is Japanese without hiragana, a long text "
+        "without any is a list",
+    )
+    min_level1_kanji_fraction: float = Field(
+        ge=0,
+        le=1,
+        description="A document under kana_below_chars without enough kana is Japanese when at "
+        "least this share of its kanji are JIS X 0208 level-1 kanji (0-1); Chinese written in "
+        "simplified (们, 华) or traditional (國, 說) forms falls below",
     )
     max_katakana_fraction: float = Field(
         ge=0,

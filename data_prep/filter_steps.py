@@ -33,6 +33,7 @@ from data_prep.text_scores import (
     duplicate_ngram_char_fractions,
     duplicate_sentence_fraction,
     ellipsis_line_fraction,
+    level1_kanji_fraction,
     load_ng_words,
     ng_char_fraction,
     ng_word_pattern,
@@ -134,8 +135,9 @@ class LengthFilter(QualityFilter):
 
 
 class CharacterFilter(QualityFilter):
-    """Too little Japanese (English, code, tables), too little hiragana (Chinese; katakana counts
-    too in a short text), too much katakana."""
+    """Too little Japanese (English, code, tables), too little hiragana (Chinese; in a short
+    text katakana counts too, and without kana its kanji must be Japanese ones), too much
+    katakana."""
 
     name = "japanese_characters"
     rule = "characters"
@@ -148,9 +150,16 @@ class CharacterFilter(QualityFilter):
         if scores["chars"] < rule.kana_below_chars:
             kana = "kana_fraction"
             scores[kana] = scores["hiragana_fraction"] + scores["katakana_fraction"]
+        kana_reason = _below(kana, scores[kana], rule.min_hiragana_fraction)
+        if kana_reason and kana == "kana_fraction":
+            # Short Japanese can be kanji only (通称世陸、世界陸上。); the script is Chinese's
+            # too, the character set is not. Scored only here, so long texts pay nothing.
+            level1 = scores["level1_kanji_fraction"] = level1_kanji_fraction(text)
+            kanji_reason = _below("level1_kanji_fraction", level1, rule.min_level1_kanji_fraction)
+            kana_reason = kanji_reason and f"{kana_reason}, {kanji_reason}"
         return scores, _first(
             _below("japanese_fraction", scores["japanese_fraction"], rule.min_japanese_fraction),
-            _below(kana, scores[kana], rule.min_hiragana_fraction),
+            kana_reason,
             _above("katakana_fraction", scores["katakana_fraction"], rule.max_katakana_fraction),
         )
 

@@ -54,6 +54,8 @@ class Tally:
     # The same per source, so that a source whose records are all unreadable can be named.
     reasons_by_source: dict[str, dict[str, int]] = field(default_factory=dict)
     length_histogram: list[int] = field(default_factory=lambda: [0] * (len(LENGTH_BINS) + 1))
+    # Documents by metadata.minhash_cluster_size (as a string, for JSON), where near dedup set it.
+    cluster_sizes: dict[str, int] = field(default_factory=dict)
 
     def add(self, document: Document) -> None:
         length = len(document.text)
@@ -65,6 +67,10 @@ class Tally:
         per_source["documents"] += 1
         per_source["characters"] += length
         self.length_histogram[bisect.bisect_left(LENGTH_BINS, length)] += 1
+        cluster_size = document.metadata.get("minhash_cluster_size")
+        if cluster_size is not None:
+            key = str(cluster_size)
+            self.cluster_sizes[key] = self.cluster_sizes.get(key, 0) + 1
         reason = document.metadata.get("filter_reason")
         if reason:
             key = str(reason).split(" ", 1)[0]
@@ -88,6 +94,8 @@ class Tally:
         self.length_histogram = [
             a + b for a, b in zip(self.length_histogram, other.length_histogram, strict=True)
         ]
+        for size, count in other.cluster_sizes.items():
+            self.cluster_sizes[size] = self.cluster_sizes.get(size, 0) + count
         return self
 
     def save(self, folder: Path, rank: int) -> None:

@@ -10,7 +10,8 @@ Steps, each a datatrove executor depending on the one before (tasks in brackets)
     minhash_signature [N]  -> character n-gram MinHash signatures (none under min_chars), shingle sets
     minhash_buckets   [B]  one task per LSH band: candidate pairs
     minhash_verify    [B]  candidates kept only at true shingle Jaccard >= min_jaccard
-    minhash_cluster   [1]  union-find over verified pairs: clusters, their sizes, who to drop
+    minhash_cluster   [1]  union-find over verified pairs: clusters, their sizes (exact copies
+                           counted), who to drop
     minhash_filter    [N]  -> drop all but one per cluster (removed/near_dedup) -> documents/
 
 Dedup steps find documents by their position in a task's input, so every step of a chain
@@ -28,16 +29,13 @@ from datatrove.pipeline.dedup.exact_dedup import (
     ExactDedupSignature,
     ExactFindDedups,
 )
-from datatrove.pipeline.dedup.minhash import (
-    MinhashDedupBuckets,
-    MinhashDedupCluster,
-    MinhashDedupFilter,
-)
+from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupFilter
 
 from common.executor import PipelineStage
 from data_prep.config import DataConfig
 from data_prep.dedup import (
     CharacterMinhashSignature,
+    MinhashCluster,
     MinhashVerify,
     exact_config,
     minhash_config,
@@ -255,14 +253,7 @@ def build_stages(config: DataConfig, layout: Layout) -> list[PipelineStage]:
             ),
             PipelineStage(
                 "minhash_cluster",
-                [
-                    MinhashDedupCluster(
-                        str(layout.minhash_verified),
-                        str(clusters),
-                        config=minhash,
-                        save_cluster_size=True,
-                    )
-                ],
+                [MinhashCluster(str(layout.minhash_verified), str(signatures), str(clusters))],
                 1,
             ),
             PipelineStage(

@@ -153,11 +153,18 @@ def write_report(
         "minhash_min_chars": minhash.min_chars,
         "minhash_min_jaccard": minhash.min_jaccard,
         "minhash_pairs": verification_counts(layout.minhash_verified) if minhash.enabled else {},
+        # Kept documents by the input documents each stands for (itself, exact and near copies):
+        # what rehydration at encoding repeats them by.
+        "kept_by_cluster_size": dict(
+            sorted(Tally.load_all(layout.tally(KEPT_TALLY)).cluster_sizes.items(), key=_size)
+        ),
         "detection_probability": {
             f"{s:.2f}": round(minhash.detection_probability(s), 4)
             for s in (0.5, 0.7, 0.8, 0.9, 0.95)
         },
     }
+    by_size = funnel["dedup"]["kept_by_cluster_size"]
+    funnel["dedup"]["documents_represented"] = sum(int(n) * k for n, k in by_size.items())
     funnel["pii_masked"] = pii_counts(layout.tally(PII_TALLY))
     if scored_sources(config):
         scores = score_tallies(layout.tally(QUALITY_TALLY), config.quality.samples_per_band)
@@ -210,8 +217,13 @@ def write_report(
         "pii_masked",
     )
     return {key: funnel[key] for key in summary_keys} | {
-        "removed_by_step": {row["step"]: row["removed_documents"] for row in funnel["steps"]}
+        "removed_by_step": {row["step"]: row["removed_documents"] for row in funnel["steps"]},
+        "kept_by_cluster_size": funnel["dedup"]["kept_by_cluster_size"],
     }
+
+
+def _size(item: tuple[str, int]) -> int:
+    return int(item[0])
 
 
 def _markdown(funnel: dict[str, Any], layout: Layout) -> str:
@@ -288,6 +300,14 @@ def _markdown(funnel: dict[str, Any], layout: Layout) -> str:
         "deduplicated exactly only. Candidate pairs: "
         + ", ".join(f"{key} {value:,}" for key, value in dedup["minhash_pairs"].items())
         + ".",
+        "",
+        "Kept documents by duplicate-cluster size (`metadata.minhash_cluster_size`: the input "
+        "documents each stands for, exact copies included; rehydration at encoding repeats by it): "
+        + (
+            ", ".join(f"{size}: {count:,}" for size, count in dedup["kept_by_cluster_size"].items())
+            or "none recorded (near dedup off)"
+        )
+        + f". Together they stand for {dedup['documents_represented']:,} documents.",
         "",
         "## Document lengths (characters)",
         "",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import tarfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,6 +20,7 @@ from datatrove.data import Document
 from datatrove.pipeline.writers import JsonlWriter
 from pydantic import ValidationError
 
+from data_prep.aozora import clean_aozora
 from data_prep.filter_rules import QualityConfig
 from data_prep.filter_steps import (
     CharacterFilter,
@@ -167,13 +169,63 @@ def test_short_katakana_and_kanji_leads_are_japanese(leads):
         for lead in leads
         if len(lead) < 100
         and character_fractions(lead)["hiragana_fraction"] < 0.05
-        and character_fractions(lead)["katakana_fraction"] >= 0.05
         and character_fractions(lead)["japanese_fraction"] >= 0.4
     ]
-    assert len(short_without_hiragana) >= 8  # 通称サンスポ。, 別名サル目。, コピー。, ...
-    assert all(removal_reason(step, lead, "wikipedia") is None for lead in short_without_hiragana)
+    kanji_only = [
+        lead
+        for lead in short_without_hiragana
+        if character_fractions(lead)["katakana_fraction"] < 0.05
+    ]
+    # 通称サンスポ。, 別名サル目。, コピー。, ... and 通称世陸、世界陸上、世界選手権。, 右投右打。, ...
+    assert len(short_without_hiragana) >= 20 and len(kanji_only) >= 10
+    removed = [lead for lead in short_without_hiragana if removal_reason(step, lead, "wikipedia")]
+    assert removed == ["＜br＞"]  # markup left in the corpus, not a lead
     # A long text keeps the hiragana rule: a page of katakana and kanji is a list, not prose.
     assert removal_reason(step, "東京タワー観光案内。" * 12, "wikipedia").startswith("hiragana")
+    # Without kana, one kanji outside JIS level 1 is enough to refuse a short text.
+    assert removal_reason(step, "篆書、篆文。", "wikipedia").endswith(
+        "level1_kanji_fraction 0.500 < 1.000"
+    )
+
+
+# Written for this test: wiki-lead and web-style Chinese, simplified then traditional, short
+# enough for the short-text rules. Kanji strings that read the same in both languages (北京大学
+# 教授。) are left out: script cannot tell them apart, and the length rule takes most of them.
+CHINESE = [
+    "北京是中华人民共和国的首都，也是全国的政治、文化中心。",
+    "长江是亚洲第一长河，全长约六千三百公里，流经青海、西藏、四川等省区。",
+    "他毕业于清华大学计算机系，现任一家互联网公司的技术总监。",
+    "这家餐厅的菜很好吃，价格也不贵，我们下次还会再来。",
+    "鲁迅，原名周树人，浙江绍兴人，中国现代著名文学家、思想家。",
+    "熊猫是中国特有的动物，主要生活在四川、陕西和甘肃的山区。",
+    "欢迎光临本店，全场商品八折优惠。",
+    "广东省辖地级市。",
+    "臺北市是中華民國的首都，位於臺灣北部的臺北盆地。",
+    "香港是一個國際金融中心，也是世界上人口最稠密的地區之一。",
+    "我們明天下午三點在車站見面，不要遲到喔。",
+    "本店營業時間為上午十點至晚上九點，週一公休。",
+    "她說這本書寫得很好，值得一讀再讀。",
+    "又稱玉山。",
+]
+
+
+def test_chinese_is_not_japanese_in_any_preset(shared_data):
+    rules = {name: source_preset(name).filters for name in PRESET_NAMES}
+    step = CharacterFilter(rules)
+    # Literature counts katakana as kana in every work: 雨ニモマケズ has no hiragana at all.
+    with tarfile.open(shared_data / "corpus" / "aozora" / "card000081.tar.gz") as archive:
+        member = next(m for m in archive.getmembers() if m.name.endswith("45630_txt_23610.txt"))
+        work, _ = clean_aozora(archive.extractfile(member).read())
+    assert work.startswith("雨ニモマケズ") and character_fractions(work)["hiragana_fraction"] == 0
+    assert removal_reason(step, work, "literature") is None
+    long_chinese = "".join(CHINESE) * 2  # past every kana_below_chars but literature's
+    for preset in rules:
+        for text in [*CHINESE, long_chinese]:
+            reason = removal_reason(step, text, preset)
+            assert reason is not None and reason.split(" ", 1)[0] in (
+                "hiragana_fraction",
+                "kana_fraction",
+            ), (preset, text, reason)
 
 
 def test_katakana_spam_fails_the_katakana_fraction(page):

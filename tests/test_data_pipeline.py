@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from data_prep.cli import STAGE
 from data_prep.config import DataConfig
 
 FIFTY_MB = 50 * 2**20
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
 def read_jsonl_gz(path: Path) -> list[dict]:
@@ -41,7 +43,7 @@ def edit_a_few_characters(text: str, rng: random.Random) -> str:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, request) -> dict:
     """Real corpora plus planted copies and every kind of bad input, as kinoe sources."""
-    shared = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    shared = SHARED
     if not shared.is_dir():
         pytest.skip(f"real data folder {shared} is absent (see ../shared/data/SOURCES.md)")
     root = tmp_path_factory.mktemp("corpus")
@@ -51,13 +53,13 @@ def corpus(tmp_path_factory, request) -> dict:
     (root / "aozora").mkdir()
     shutil.copy(shared / "corpus" / "aozora" / "card000081.tar.gz", root / "aozora")
 
-    # Real web pages: six become planted originals (and leave the web source), one is copied
+    # Real web pages: seven become planted originals (and leave the web source), one is copied
     # into the planted source as a duplicate across sources.
     web = read_jsonl_gz(shared / "corpus" / "fineweb2_ja_web.jsonl.gz")
     long_pages = sorted((d for d in web if 800 <= len(d["text"]) <= 1200), key=lambda d: d["id"])[
-        :7
+        :8
     ]
-    used = {page["id"] for page in long_pages[:6]}
+    used = {page["id"] for page in long_pages[:6] + long_pages[7:8]}
     (root / "web").mkdir()
     with gzip.open(root / "web" / "fineweb2_ja_web.jsonl.gz", "wt", encoding="utf-8") as handle:
         for page in web:
@@ -79,6 +81,11 @@ def corpus(tmp_path_factory, request) -> dict:
         planted.append({"id": f"twin-b-{index}", "text": page["text"]})
         exact_pairs.append((f"twin-a-{index}", f"twin-b-{index}"))
     planted.append({"id": "cross-source", "text": long_pages[6]["text"]})
+    # A cluster of four input documents: a page, its exact copy, a near copy and that copy's
+    # exact copy; the one kept stands for all four (minhash_cluster_size 4).
+    near_copy = edit_a_few_characters(long_pages[7]["text"], rng)
+    for name, text in (("a", long_pages[7]["text"]), ("b", near_copy)):
+        planted += [{"id": f"four-{name}", "text": text}, {"id": f"four-{name}-copy", "text": text}]
     # Distinct documents that MinHash alone would merge (issue 19): a short lead and the same
     # lead about another place (exact dedup only below minhash.min_chars), and a long text
     # sharing 82% of another (Jaccard about 0.7: a likely band candidate, rejected on verification).
@@ -98,6 +105,14 @@ def corpus(tmp_path_factory, request) -> dict:
     (root / "planted").mkdir()
     with (root / "planted" / "copies.jsonl").open("w", encoding="utf-8") as handle:
         for record in planted:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    # Read by the second task, which has no duplicate to remove: its kept documents still need
+    # a cluster size (datatrove's cluster step wrote none for such a task).
+    unique = [
+        {"id": f"unique-{i}", "text": "".join(leads[500 + 10 * i : 510 + 10 * i])} for i in range(3)
+    ]
+    with (root / "planted" / "unique.jsonl").open("w", encoding="utf-8") as handle:
+        for record in unique:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     (root / "bad").mkdir()
@@ -137,7 +152,9 @@ def corpus(tmp_path_factory, request) -> dict:
         "blocked_ids": {
             page["id"] for page in kept_web if page["url"].split("/")[2].endswith(blocked)
         },
-        "planted_docs": len(planted),
+        "planted_docs": len(planted) + len(unique),
+        "cluster_of_four": {"four-a", "four-a-copy", "four-b", "four-b-copy"},
+        "unique_ids": {record["id"] for record in unique},
         "bad_lines": 9 + len(sjis_lines),
     }
 
@@ -200,10 +217,28 @@ def test_run_completes_with_a_balanced_funnel(finished, corpus):
 def test_kept_documents_follow_the_contract(finished):
     documents = documents_in(finished["run_dir"] / "documents")
     assert documents
-    for document in documents[:200]:
+    for document in documents:
         assert set(document) == {"id", "text", "source", "metadata"}
         assert document["text"] and document["source"] in {"wikipedia", "web", "planted", "aozora"}
-        assert "minhash_cluster_size" in document["metadata"]
+        assert document["metadata"]["minhash_cluster_size"] >= 1
+
+
+def test_cluster_size_counts_every_exact_and_near_copy(finished, corpus):
+    """A kept document's minhash_cluster_size is the number of input documents it stands for."""
+    run_dir = finished["run_dir"]
+    kept = {d["id"]: d["metadata"] for d in documents_in(run_dir / "documents")}
+    four = [kept[i]["minhash_cluster_size"] for i in corpus["cluster_of_four"] if i in kept]
+    assert four == [4]
+    for pair in corpus["near_pairs"] + corpus["exact_pairs"] + [corpus["cross_source_pair"]]:
+        assert [kept[i]["minhash_cluster_size"] for i in pair if i in kept] == [2], pair
+    assert all(kept[i]["minhash_cluster_size"] == 1 for i in corpus["unique_ids"])
+    # Every document the dedup steps removed is counted in exactly one kept document's size.
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    removed = {row["step"]: row["removed_documents"] for row in report["steps"]}
+    represented = sum(metadata["minhash_cluster_size"] for metadata in kept.values())
+    assert represented == len(kept) + removed["exact_dedup"] + removed["near_dedup"]
+    assert report["dedup"]["documents_represented"] == represented
+    assert report["dedup"]["kept_by_cluster_size"]["4"] >= 1
 
 
 def test_wikipedia_leads_mostly_survive(finished, corpus):
@@ -520,3 +555,161 @@ def test_nothing_readable_is_one_line_and_nothing_kept_is_a_run(tmp_path):
     result = run(short, "all-removed")
     report = json.loads((result.run_dir / "report" / "report.json").read_text())
     assert report["documents_in"] == 1 and report["documents_kept"] == 0 and report["balanced"]
+
+
+def encode_kept(run_dir: Path, output: Path, rehydrate=None) -> dict:
+    """The kept planted and web documents through EncodeShards (one task) with the real Mistral
+    tokenizer; the assembled shard sets by source."""
+    import sentencepiece as spm
+    from datatrove.data import Document
+
+    from tokenizer.encode import EncodeShards, assemble_shard_sets
+    from tokenizer.indexed import tokenizer_sha256
+
+    model = SHARED / "tokenizers" / "mistral-7b-v0.1.model"
+    documents = [
+        Document(text=d["text"], id=d["id"], metadata={**d["metadata"], "source": d["source"]})
+        for d in documents_in(run_dir / "documents")
+        if d["source"] in ("planted", "web")
+    ]
+    step = EncodeShards(str(model), str(output), rehydrate=rehydrate)
+    list(step.run(iter(documents), rank=0))
+    processor = spm.SentencePieceProcessor(model_file=str(model))
+    sha = tokenizer_sha256(model)
+    return {
+        "sets": assemble_shard_sets(output, sha, processor.get_piece_size(), processor.eos_id()),
+        "sha": sha,
+        "processor": processor,
+        "documents": documents,
+    }
+
+
+def sequences_of(prefix: Path) -> list[list[int]]:
+    """Every document of one shard, in order, as lists of token ids."""
+    from tokenizer.indexed import IndexedDataset
+
+    dataset = IndexedDataset(prefix)
+    return [dataset[i].tolist() for i in range(len(dataset))]
+
+
+def test_encoding_without_rehydration_writes_each_document_once(finished, tmp_path):
+    """Off by default: the shards are exactly each kept document encoded once, in input order."""
+    from tokenizer.indexed import IndexedDatasetWriter
+
+    encoded = encode_kept(finished["run_dir"], tmp_path / "tokens")
+    processor = encoded["processor"]
+    for source in ("planted", "web"):
+        metadata = encoded["sets"][source]
+        assert "rehydration" not in metadata and [s["prefix"] for s in metadata["shards"]] == [
+            "00000"
+        ]
+        texts = [d.text for d in encoded["documents"] if d.metadata["source"] == source]
+        expected = tmp_path / "expected" / source
+        with IndexedDatasetWriter(expected, processor.get_piece_size()) as writer:
+            for ids in processor.encode(texts):
+                writer.add_document([*ids, processor.eos_id()])
+        for suffix in (".bin", ".idx"):
+            written = tmp_path / "tokens" / source / f"00000{suffix}"
+            assert written.read_bytes() == Path(f"{expected}{suffix}").read_bytes()
+        tally = json.loads((tmp_path / "tokens" / source / "00000.json").read_text())
+        assert tally == {"documents": len(texts), "tokens": metadata["tokens"]}
+
+
+def test_rehydration_repeats_documents_by_cluster_size(finished, corpus, tmp_path):
+    """FineWeb-2's weights on planted clusters: the document standing for four is written three
+    times, pairs twice, unique documents once; copies lie in separate shards, after every original."""
+    from tokenizer.config import RehydrateConfig
+
+    rehydrate = RehydrateConfig(sources=["planted"])
+    off = encode_kept(finished["run_dir"], tmp_path / "off")
+    on = encode_kept(finished["run_dir"], tmp_path / "on", rehydrate)
+    planted = {d.id: d for d in on["documents"] if d.metadata["source"] == "planted"}
+    size = {i: d.metadata["minhash_cluster_size"] for i, d in planted.items()}
+    (four,) = (i for i in corpus["cluster_of_four"] if i in planted)
+    assert size[four] == 4 and rehydrate.copies_for(4) == 3
+
+    metadata = on["sets"]["planted"]
+    assert [s["prefix"] for s in metadata["shards"]] == ["00000", "00000.repeat1", "00000.repeat2"]
+    expected_copies = Counter(str(rehydrate.copies_for(n)) for n in size.values())
+    assert metadata["rehydration"]["documents_by_copies"] == dict(sorted(expected_copies.items()))
+    assert metadata["rehydration"]["distinct_documents"] == len(planted)
+    assert metadata["rehydration"]["distinct_tokens"] == off["sets"]["planted"]["tokens"]
+    assert metadata["documents"] == sum(rehydrate.copies_for(n) for n in size.values())
+
+    ids = [*on["processor"].encode(planted[four].text), on["processor"].eos_id()]
+    on_shards = {
+        prefix: sequences_of(tmp_path / "on" / "planted" / prefix)
+        for prefix in ("00000", "00000.repeat1", "00000.repeat2")
+    }
+    # One copy per shard, and no shard holds a document twice: copies are a pass apart.
+    assert [shard.count(ids) for shard in on_shards.values()] == [1, 1, 1]
+    assert all(len({tuple(d) for d in shard}) == len(shard) for shard in on_shards.values())
+    assert sequences_of(tmp_path / "off" / "planted" / "00000").count(ids) == 1
+    # Its share of the source's tokens grows (0.10 to 0.18 here: the planted pairs doubled too),
+    # and against a unique document it now weighs three to one.
+    share_off = len(ids) / off["sets"]["planted"]["tokens"]
+    share_on = 3 * len(ids) / metadata["tokens"]
+    assert share_on > 1.5 * share_off
+    unique = [*on["processor"].encode(planted["unique-0"].text), on["processor"].eos_id()]
+    assert sum(shard.count(unique) for shard in on_shards.values()) == 1
+    # A size that is not a count stops the task, naming the document.
+    from datatrove.data import Document
+
+    from tokenizer.encode import EncodeShards
+
+    model = str(SHARED / "tokenizers" / "mistral-7b-v0.1.model")
+    odd = Document(
+        text="件数が文字列の文書。",
+        id="odd",
+        metadata={"source": "planted", "minhash_cluster_size": "3"},
+    )
+    with pytest.raises(ValueError, match=r"'odd' has minhash_cluster_size '3', not a whole"):
+        list(EncodeShards(model, str(tmp_path / "odd"), rehydrate=rehydrate).run(iter([odd])))
+    # A source not listed is written as before, byte for byte.
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / "on" / "web" / f"00000{suffix}").read_bytes() == (
+            tmp_path / "off" / "web" / f"00000{suffix}"
+        ).read_bytes()
+
+
+def test_encode_stage_records_rehydration_and_refuses_unknown_sources(finished, tmp_path):
+    """kinoe tokenizer encode with encode.rehydrate: figures in shards.json and the manifest."""
+    from tokenizer.cli import STEPS, model_path, shards_path
+    from tokenizer.config import TokenizerConfig
+
+    documents = tmp_path / "documents"
+    documents.mkdir()
+    kept = [d for d in documents_in(finished["run_dir"] / "documents") if d["source"] == "planted"]
+    with gzip.open(documents / "planted.jsonl.gz", "wt", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in kept)
+
+    def config(documents: Path, sources: list[str], name: str = "rehydrated") -> TokenizerConfig:
+        tokenizer = TokenizerConfig.model_validate(
+            {
+                "run": {"root": str(tmp_path / "runs"), "name": name},
+                "sample": {"documents": str(documents)},
+                "encode": {"rehydrate": {"sources": sources}},
+                "executor": {"tasks": 1, "workers": 1},
+            }
+        )
+        # The real Mistral model stands in for a trained one: encoding only needs a model.
+        model_path(tokenizer).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(SHARED / "tokenizers" / "mistral-7b-v0.1.model", model_path(tokenizer))
+        return tokenizer
+
+    rehydrated = config(documents, ["planted"])
+    result = run_stage(STEPS["encode"], rehydrated)
+    figures = result.manifest.summary["rehydration"]["planted"]
+    on_disk = json.loads((shards_path(rehydrated) / "planted" / "shards.json").read_text())
+    assert on_disk["rehydration"] == figures
+    sizes = Counter(d["metadata"]["minhash_cluster_size"] for d in kept)
+    assert figures["distinct_documents"] == len(kept) and figures["without_cluster_size"] == 0
+    assert result.manifest.summary["documents"]["planted"] == sum(
+        count * {1: 1, 2: 2, 3: 3, 4: 3}[size] for size, count in sizes.items()
+    )
+    with pytest.raises(KinoeError) as caught:
+        run_stage(STEPS["encode"], config(finished["run_dir"] / "documents", ["plant"], "typo"))
+    message = str(caught.value)
+    assert (
+        "\n" not in message and "encode.rehydrate.sources: plant not among the sources" in message
+    )

@@ -41,6 +41,7 @@ FORMER_FILTERS = {
             "min_japanese_fraction": 0.5,
             "min_hiragana_fraction": 0.15,
             "kana_below_chars": 0,
+            "min_level1_kanji_fraction": 1.0,
             "max_katakana_fraction": 0.5,
         },
         "repetition": _PROSE_REPETITION,
@@ -60,6 +61,7 @@ FORMER_FILTERS = {
             "min_japanese_fraction": 0.4,
             "min_hiragana_fraction": 0.05,
             "kana_below_chars": 100,
+            "min_level1_kanji_fraction": 1.0,
             "max_katakana_fraction": 0.8,
         },
         "repetition": _PROSE_REPETITION,
@@ -77,8 +79,9 @@ FORMER_FILTERS = {
         "characters": {
             "enabled": True,
             "min_japanese_fraction": 0.7,
-            "min_hiragana_fraction": 0.0,
-            "kana_below_chars": 0,
+            "min_hiragana_fraction": 0.05,
+            "kana_below_chars": 2_000_000,
+            "min_level1_kanji_fraction": 1.0,
             "max_katakana_fraction": 0.8,
         },
         "repetition": {
@@ -124,11 +127,12 @@ FORMER_STRIP_SECTIONS = {
 FORMER_PATTERN_COUNT = {"web": 10, "wikipedia": 0, "literature": 0}
 # SHA-256 of json.dumps({"filters": ..., "normalise": ...}, sort_keys=True, ensure_ascii=False)
 # over a source's resolved settings, in JSON mode: this also pins the web preset's ten
-# boilerplate patterns character for character (kana_below_chars added for issue 19).
+# boilerplate patterns character for character (kana_below_chars and
+# min_level1_kanji_fraction added for issue 19).
 FORMER_DIGESTS = {
-    "web": "9abceb93bf77e46044f53caa7572cf3afc82e959abe143820aa26660af7972c1",
-    "wikipedia": "4c93825187c5ebce10e833f46f5ab0d58435825cb4679160faada8740ce22336",
-    "literature": "e5aa166f7fa48572ea1e9b48312108247d0d4d83375f32f9519d6010c9c9b584",
+    "web": "141d76139d0e2bccc2bd45cf9ad5323f4e9e2cec058e607e191f419af6981c7a",
+    "wikipedia": "2aa4277c0175813a16191c5b7cbb3c426ca55314e307f19da65b26148b121bdb",
+    "literature": "33e16bbb9c960e899d33abc876784e7c89854195d09cd6d0f9a16318a8f01233",
 }
 # Settings a preset may leave at the rule's default rather than give with a reason.
 NOT_THRESHOLDS = {"enabled", "word_list"}

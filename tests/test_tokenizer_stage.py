@@ -236,11 +236,19 @@ def test_held_out_choice_is_stable_and_proportional():
         ),
         ("trainer.model_type=wordpiece", "'trainer.model_type'"),
         ("sample.weights.web=0", "weights must be positive; fix web"),
+        ("encode.rehydrate.copies.1=20", "copies must be 1 to 16 per document; fix 1: 20"),
+        ("encode.rehydrate.copies={2: 2}", "copies needs the key 1 (unique documents)"),
+        ("encode.rehydrate.sources=[chat]", "rehydrate.sources names chat source(s) chat"),
     ],
 )
 def test_config_mistakes_are_one_line(tmp_path, override, expected):
     path = tmp_path / "t.yaml"
-    path.write_text(yaml.safe_dump({"sample": {"documents": str(tmp_path)}}))
+    chat = tmp_path / "chat.jsonl"
+    path.write_text(
+        yaml.safe_dump(
+            {"sample": {"documents": str(tmp_path)}, "encode": {"chat": {"chat": str(chat)}}}
+        )
+    )
     with pytest.raises(ConfigError) as caught:
         load_stage_config(TokenizerConfig, path, [override])
     assert expected in str(caught.value) and "\n" not in str(caught.value)

@@ -179,6 +179,7 @@ def encode_step(context: StageContext[TokenizerConfig]) -> dict[str, Any] | Subm
         str(output),
         batch_size=config.encode.batch_size,
         bos_sources=tuple(config.encode.chat),
+        rehydrate=config.encode.rehydrate,
     )
     stages = [PipelineStage("encode", [reader, *conversations, encoder], config.executor.tasks)]
 
@@ -221,6 +222,27 @@ def encode_step(context: StageContext[TokenizerConfig]) -> dict[str, Any] | Subm
                 accounts / source,
             )
     tokens = {source: meta["tokens"] for source, meta in sets.items()}
+    rehydrated = {
+        source: meta["rehydration"] for source, meta in sets.items() if "rehydration" in meta
+    }
+    for source in config.encode.rehydrate.sources:
+        if source not in rehydrated:
+            raise KinoeError(
+                f"encode.rehydrate.sources: no document of source {source!r} was encoded "
+                f"(encoded: {', '.join(sets)}); fix the name or remove it"
+            )
+        figures = rehydrated[source]
+        context.logger.info(
+            "tokenizer encode: %s rehydrated: %s documents written as %s (%s tokens as %s); "
+            "documents by times written %s; %s without a cluster size",
+            source,
+            f"{figures['distinct_documents']:,}",
+            f"{sets[source]['documents']:,}",
+            f"{figures['distinct_tokens']:,}",
+            f"{sets[source]['tokens']:,}",
+            figures["documents_by_copies"],
+            f"{figures['without_cluster_size']:,}",
+        )
     seconds = timings["encode"]
     context.logger.info(
         "tokenizer encode: %s tokens in %.1f s (%s tokens/s) into %s",
@@ -229,13 +251,16 @@ def encode_step(context: StageContext[TokenizerConfig]) -> dict[str, Any] | Subm
         f"{sum(tokens.values()) / max(seconds, 1e-9):,.0f}",
         output,
     )
-    return {
+    summary = {
         "tokens": tokens,
         "documents": {source: meta["documents"] for source, meta in sets.items()},
         "conversations": chat,
         "tokenizer_sha256": tokenizer_sha256(model_path(config)),
         "seconds": seconds,
     }
+    if rehydrated:
+        summary["rehydration"] = rehydrated
+    return summary
 
 
 def job_prefix(config: TokenizerConfig) -> str:
@@ -244,13 +269,14 @@ def job_prefix(config: TokenizerConfig) -> str:
 
 
 def _encode_precheck(config: TokenizerConfig) -> None:
-    _check_chat_sources(config)
+    _check_sources(config)
     if config.executor.kind == "slurm":
         check_slurm_ready(job_prefix(config))
 
 
-def _check_chat_sources(config: TokenizerConfig) -> None:
-    """Each chat source has conversation files and a name no data_prep source of the documents has."""
+def _check_sources(config: TokenizerConfig) -> None:
+    """Each chat source has conversation files and a name no data_prep source of the documents
+    has; each source to rehydrate is one of theirs."""
     from tokenizer.conversations import CONVERSATION_SUFFIXES, conversation_files
 
     # A kinoe data run lists its sources in its manifest; other document folders are checked
@@ -261,6 +287,12 @@ def _check_chat_sources(config: TokenizerConfig) -> None:
         if data_run is not None and data_run.stage == "data"
         else set()
     )
+    missing = [name for name in config.encode.rehydrate.sources if name not in data_sources]
+    if data_sources and missing:
+        raise KinoeError(
+            f"encode.rehydrate.sources: {', '.join(missing)} not among the sources of "
+            f"{config.documents_to_encode()} ({', '.join(sorted(data_sources))}); fix the names"
+        )
     for name, path in config.encode.chat.items():
         if name in data_sources:
             raise KinoeError(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import bisect
 import re
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from common.config import Config
 from common.executor import ExecutorConfig
@@ -103,6 +104,46 @@ class ReportSettings(Config):
 
 # Chat sources name shard directories, so they follow data_prep's rule for source names.
 CHAT_SOURCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+# FineWeb-2's rehydration weights (its README): from a cluster of 2 or 3 a document is written
+# 2 or 3 times, from 4 three times, from 5-99 five, from 100-999 eight, and from 1,000 on once,
+# as such huge clusters are mostly boilerplate.
+FINEWEB2_COPIES = {1: 1, 2: 2, 3: 3, 5: 5, 100: 8, 1000: 1}
+# The cap on copies of one document: Muennighoff et al. (2023) fit the value of repeated tokens
+# to decay with a constant of about 15 repetitions, so more copies mostly add memorisation.
+MAX_COPIES = 16
+
+
+class RehydrateConfig(Config):
+    """FineWeb-2's rehydration: each kept document of the listed sources is written as many
+    times as its duplicate-cluster size (``metadata.minhash_cluster_size``) earns."""
+
+    sources: list[str] = Field(
+        default_factory=list,
+        description="data_prep sources whose documents are repeated by cluster size; empty: "
+        "none (rehydration off, every document written once)",
+    )
+    copies: dict[int, int] = Field(
+        default_factory=lambda: dict(FINEWEB2_COPIES),
+        description="Smallest cluster size -> times a document is written when its cluster "
+        f"size is at least that and below the next key (1 to {MAX_COPIES}); FineWeb-2's by default",
+    )
+
+    @field_validator("copies")
+    @classmethod
+    def _table(cls, copies: dict[int, int]) -> dict[int, int]:
+        if 1 not in copies or min(copies) < 1:
+            raise ValueError(
+                "copies needs the key 1 (unique documents) and no key below it; e.g. {1: 1, 2: 2}"
+            )
+        bad = [f"{size}: {n}" for size, n in copies.items() if not 1 <= n <= MAX_COPIES]
+        if bad:
+            raise ValueError(f"copies must be 1 to {MAX_COPIES} per document; fix {', '.join(bad)}")
+        return dict(sorted(copies.items()))
+
+    def copies_for(self, cluster_size: int) -> int:
+        """Times a document from a cluster of ``cluster_size`` input documents is written."""
+        sizes = list(self.copies)
+        return self.copies[sizes[max(bisect.bisect_right(sizes, cluster_size) - 1, 0)]]
 
 
 class EncodeSettings(Config):
@@ -117,6 +158,20 @@ class EncodeSettings(Config):
         '({"messages": [{"role", "content"}, ...]}), rendered with the chat template',
     )
     batch_size: int = Field(256, ge=1, description="Documents per SentencePiece batch call")
+    rehydrate: RehydrateConfig = Field(
+        default_factory=RehydrateConfig,
+        description="Repeat documents by duplicate-cluster size (FineWeb-2); off by default",
+    )
+
+    @model_validator(mode="after")
+    def _documents_only(self) -> EncodeSettings:
+        chat = [name for name in self.rehydrate.sources if name in self.chat]
+        if chat:
+            raise ValueError(
+                f"rehydrate.sources names chat source(s) {', '.join(chat)}; conversations have "
+                "no duplicate clusters, list data_prep sources only"
+            )
+        return self
 
     @field_validator("chat")
     @classmethod

@@ -8,6 +8,13 @@ token counts. After every task has finished, ``assemble_shard_sets`` checks the 
 against those counts and writes each source's ``shards.json`` (tokenizer hash included, see
 ``tokenizer.indexed``).
 
+Rehydration (FineWeb-2's, off unless ``RehydrateConfig.sources`` names the source) writes a
+document ``n`` times by its duplicate-cluster size: once in ``<rank>``, and its ``k``-th repeat
+in ``<rank>.repeat<k>``. Written one after the other, the copies would pack into the same
+training sample; instead the shard set lists every task's own shard, then every task's first
+repeats, and so on, so between two copies of a document lie the other documents written that
+often (they can meet only where one pass of repeats ends and the next begins).
+
 Paths are local (or a shared file system mounted on every node); object stores are not
 supported, because the writer renames files into place.
 """
@@ -25,6 +32,7 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
 from common.errors import KinoeError
+from tokenizer.config import RehydrateConfig
 from tokenizer.indexed import (
     IndexedDataset,
     IndexedDatasetWriter,
@@ -34,7 +42,8 @@ from tokenizer.indexed import (
     write_shard_set_metadata,
 )
 
-TASK_TALLY = re.compile(r"^(\d+)\.json$")
+# <rank>.json for a task's shard, <rank>.repeat<k>.json for its k-th repeats (rehydration).
+TASK_TALLY = re.compile(r"^(\d+)(?:\.repeat(\d+))?\.json$")
 
 
 def _source_of(document: Document) -> str:
@@ -63,7 +72,8 @@ class EncodeShards(PipelineStep):
     and inference encode with the tokenizer's ``<s>`` first, so the model sees them the same way.
     The processor is loaded on first use in the task and is never pickled, so the step can
     be sent to worker processes. If the task fails, the unfinished shards are removed and no
-    per-task tally is written, so a rerun starts clean.
+    per-task tally is written, so a rerun starts clean. Documents of the sources ``rehydrate``
+    names are written as many times as their cluster size earns (module docstring).
     """
 
     name = "encode"
@@ -76,6 +86,7 @@ class EncodeShards(PipelineStep):
         append_eos: bool = True,
         batch_size: int = 256,
         bos_sources: Sequence[str] = (),
+        rehydrate: RehydrateConfig | None = None,
     ):
         super().__init__()
         if batch_size < 1:
@@ -85,6 +96,7 @@ class EncodeShards(PipelineStep):
         self.append_eos = append_eos
         self.batch_size = batch_size
         self.bos_sources = frozenset(bos_sources)
+        self.rehydrate = rehydrate or RehydrateConfig()
         self._processor = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -118,35 +130,65 @@ class EncodeShards(PipelineStep):
                 f"{self.model_path}: the tokenizer has no BOS piece to start conversations"
             )
         output = Path(self.output_dir)
-        writers: dict[str, IndexedDatasetWriter] = {}
+        # Keyed by (source, repeat): repeat 0 holds every document once, repeat k its k-th copy.
+        writers: dict[tuple[str, int], IndexedDatasetWriter] = {}
+        rehydrated: dict[str, dict[str, Any]] = {}
         try:
             batch: list[Document] = []
             for document in data:
                 _source_of(document)
                 batch.append(document)
                 if len(batch) >= self.batch_size:
-                    self._write_batch(batch, writers, output, rank, vocab_size, eos_id)
+                    self._write_batch(batch, writers, rehydrated, output, rank, vocab_size, eos_id)
                     batch = []
             if batch:
-                self._write_batch(batch, writers, output, rank, vocab_size, eos_id)
+                self._write_batch(batch, writers, rehydrated, output, rank, vocab_size, eos_id)
             for writer in writers.values():
                 writer.finalize()
         except BaseException:
             for writer in writers.values():
                 writer.abort()
             raise
-        for source, writer in writers.items():
-            tally = output / source / f"{rank:05d}.json"
+        for (source, repeat), writer in writers.items():
+            counts: dict[str, Any] = {"documents": writer.documents, "tokens": writer.tokens}
+            if repeat == 0 and source in rehydrated:
+                counts["rehydration"] = rehydrated[source]
+            tally = writer.prefix.with_name(f"{writer.prefix.name}.json")
             temporary = tally.with_name(f".{tally.name}.tmp")
-            temporary.write_text(
-                json.dumps({"documents": writer.documents, "tokens": writer.tokens}) + "\n"
-            )
+            temporary.write_text(json.dumps(counts) + "\n")
             temporary.replace(tally)
+
+    def _copies(self, document: Document, source: str, rehydrated: dict[str, dict]) -> int:
+        """Times the document is written: 1, or what its cluster size earns when rehydrated."""
+        if source not in self.rehydrate.sources:
+            return 1
+        tally = rehydrated.setdefault(
+            source,
+            {
+                "copies_by_cluster_size": {str(k): v for k, v in self.rehydrate.copies.items()},
+                "documents_by_copies": {},
+                "without_cluster_size": 0,
+            },
+        )
+        size = document.metadata.get("minhash_cluster_size")
+        if size is None:  # near dedup was off: the document counts as unique
+            tally["without_cluster_size"] += 1
+            size = 1
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(
+                f"document {document.id!r} has minhash_cluster_size {size!r}, not a whole number "
+                f"of at least 1; rehydrate only sources deduplicated by kinoe data"
+            )
+        copies = self.rehydrate.copies_for(size)
+        by_copies = tally["documents_by_copies"]
+        by_copies[str(copies)] = by_copies.get(str(copies), 0) + 1
+        return copies
 
     def _write_batch(
         self,
         batch: list[Document],
-        writers: dict[str, IndexedDatasetWriter],
+        writers: dict[tuple[str, int], IndexedDatasetWriter],
+        rehydrated: dict[str, dict[str, Any]],
         output: Path,
         rank: int,
         vocab_size: int,
@@ -156,15 +198,18 @@ class EncodeShards(PipelineStep):
             encoded = self.processor.encode([document.text for document in batch])
             for document, ids in zip(batch, encoded, strict=True):
                 source = _source_of(document)
-                writer = writers.get(source)
-                if writer is None:
-                    writer = IndexedDatasetWriter(output / source / f"{rank:05d}", vocab_size)
-                    writers[source] = writer
                 if source in self.bos_sources:
                     ids.insert(0, self.processor.bos_id())
                 if self.append_eos:
                     ids.append(eos_id)
-                writer.add_document(np.asarray(ids, dtype=np.int64))
+                tokens = np.asarray(ids, dtype=np.int64)
+                for repeat in range(self._copies(document, source, rehydrated)):
+                    writer = writers.get((source, repeat))
+                    if writer is None:
+                        name = f"{rank:05d}" + (f".repeat{repeat}" if repeat else "")
+                        writer = IndexedDatasetWriter(output / source / name, vocab_size)
+                        writers[(source, repeat)] = writer
+                    writer.add_document(tokens)
                 self.stat_update("documents")
                 self.stat_update("tokens", value=len(ids), unit="doc")
                 self.stat_update(f"tokens_{source}", value=len(ids), unit="doc")
@@ -175,9 +220,10 @@ def assemble_shard_sets(
 ) -> dict[str, dict]:
     """Write ``shards.json`` for every source under ``output_dir`` from the tasks' tallies.
 
-    Shards are listed by rank. Each listed ``.bin``/``.idx`` must exist and hold the documents
-    and tokens its task reported, in the dtype ``vocab_size`` calls for (KinoeError otherwise).
-    Returns the written metadata per source.
+    Shards are listed by rank, every task's own before any repeat (rehydration). Each listed
+    ``.bin``/``.idx`` must exist and hold the documents and tokens its task reported, in the
+    dtype ``vocab_size`` calls for (KinoeError otherwise). A rehydrated source's shards.json
+    adds the documents by times written. Returns the written metadata per source.
     """
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
@@ -186,19 +232,22 @@ def assemble_shard_sets(
     assembled: dict[str, dict] = {}
     for directory in sorted(path for path in output_dir.iterdir() if path.is_dir()):
         tallies = sorted(
-            (int(match.group(1)), path)
+            (int(match.group(2) or 0), int(match.group(1)), path)
             for path in directory.iterdir()
             if (match := TASK_TALLY.match(path.name))
         )
         if not tallies:
             continue
         shards = []
-        for _, tally_path in tallies:
+        rehydration: dict[str, Any] | None = None
+        for _, _, tally_path in tallies:
             try:
                 tally = json.loads(tally_path.read_text(encoding="utf-8"))
                 documents, tokens = int(tally["documents"]), int(tally["tokens"])
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
                 raise KinoeError(f"{tally_path}: unreadable task tally ({error})") from None
+            if "rehydration" in tally:
+                rehydration = _add_rehydration(rehydration, tally["rehydration"], documents, tokens)
             prefix = directory / tally_path.name.removesuffix(".json")
             for path in (data_path(prefix), index_path(prefix)):
                 if not path.is_file():
@@ -223,7 +272,31 @@ def assemble_shard_sets(
             vocab_size=vocab_size,
             eos_id=eos_id,
             shards=shards,
+            rehydration=rehydration,
         )
     if not assembled:
         raise KinoeError(f"{output_dir}: no encoded shards found (did the encode tasks run?)")
     return assembled
+
+
+def _add_rehydration(
+    total: dict[str, Any] | None, task: dict[str, Any], documents: int, tokens: int
+) -> dict[str, Any]:
+    """One task's rehydration tally added to the source's: documents by times written, and the
+    documents and tokens written once (the task's own shard, before any repeat)."""
+    if total is None:
+        total = {
+            "copies_by_cluster_size": task["copies_by_cluster_size"],
+            "distinct_documents": 0,
+            "distinct_tokens": 0,
+            "documents_by_copies": {},
+            "without_cluster_size": 0,
+        }
+    total["distinct_documents"] += documents
+    total["distinct_tokens"] += tokens
+    total["without_cluster_size"] += int(task["without_cluster_size"])
+    by_copies = total["documents_by_copies"]
+    for copies, count in task["documents_by_copies"].items():
+        by_copies[copies] = by_copies.get(copies, 0) + int(count)
+    total["documents_by_copies"] = dict(sorted(by_copies.items(), key=lambda item: int(item[0])))
+    return total

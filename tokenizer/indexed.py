@@ -339,11 +339,13 @@ def write_shard_set_metadata(
     vocab_size: int,
     eos_id: int,
     shards: Sequence[dict[str, Any]],
+    rehydration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``<directory>/shards.json`` (atomically) and return what was written.
 
     ``shards``: ``{"prefix", "documents", "tokens"}`` per dataset, prefixes relative to
-    ``directory``, in the order a reader should concatenate them.
+    ``directory``, in the order a reader should concatenate them. ``rehydration``: how the
+    documents were repeated (``tokenizer.encode``); left out of the file when None.
     """
     directory = Path(directory)
     entries = [
@@ -365,6 +367,8 @@ def write_shard_set_metadata(
         "documents": sum(entry["documents"] for entry in entries),
         "tokens": sum(entry["tokens"] for entry in entries),
     }
+    if rehydration is not None:
+        metadata["rehydration"] = rehydration
     directory.mkdir(parents=True, exist_ok=True)
     temporary = _temporary(directory / SHARD_SET_FILE)
     temporary.write_text(json.dumps(metadata, indent=2, ensure_ascii=False) + "\n")
