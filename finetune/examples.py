@@ -13,14 +13,18 @@ Record shapes (one JSON object a line, ``.jsonl`` or ``.jsonl.gz``, or a folder 
   final assistant turn; a string prompt is text, each answer a completion.
 
 A record that cannot be used is never trained on: it is counted by reason and written with the
-reason to ``rejected.jsonl`` in the run directory. Every token sequence starts with BOS, as
-the pretraining shards do.
+reason to ``rejected.jsonl`` in the run directory. That includes lines that cannot be read: not
+UTF-8 (``invalid_utf8``, e.g. a Shift_JIS file), not JSON (``not_json``), and the rest of a
+damaged ``.gz`` (``corrupt_file``, once; the records before the damage are used). Every token
+sequence starts with BOS, as the pretraining shards do.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,8 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import KinoeError
+from eval.data import MAX_EXAMPLE_CHARACTERS
+from eval.tasks.readers import encoding_hint
 from tokenizer.chat import CONVERSATION_SUFFIXES, NOT_JSON, rejection
 
+INVALID_UTF8 = "invalid_utf8"
+CORRUPT_FILE = "corrupt_file"
 UNKNOWN_SHAPE = "unknown_shape"
 EMPTY_TEXT = "empty_text"
 CHAT_TOKEN_IN_TEXT = "chat_token_in_text"
@@ -74,9 +82,15 @@ class Account:
     read: int = 0
     kept: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
+    first_rejected: str | None = None  # "file:line: detail" of the first record rejected
 
     def as_dict(self) -> dict[str, Any]:
-        return {"read": self.read, "kept": self.kept, "rejected": dict(self.rejected)}
+        return {
+            "read": self.read,
+            "kept": self.kept,
+            "rejected": dict(self.rejected),
+            "first_rejected": self.first_rejected,
+        }
 
 
 class Rejected(Exception):
@@ -106,18 +120,65 @@ def input_files(paths: list[Path], key: str) -> list[Path]:
 
 
 def read_records(files: list[Path]) -> Iterator[tuple[str, Any]]:
-    """(``file:line``, parsed record or the ``Rejected`` of a line that is not JSON) per non-empty line."""
+    """(``file:line``, parsed record or the ``Rejected`` of a line that cannot be read) per non-empty line."""
     for path in files:
         opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rb") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                origin = f"{path}:{number}"
-                try:
-                    yield origin, json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                    yield origin, Rejected(NOT_JSON, f"not JSON ({error})")
+        number = 0
+        try:
+            with opener(path, "rb") as handle:
+                for number, raw in enumerate(handle, start=1):
+                    if number == 1:
+                        raw = raw.removeprefix(codecs.BOM_UTF8)
+                    if raw.strip():
+                        yield f"{path}:{number}", _parsed(raw)
+        except (OSError, EOFError, zlib.error) as error:
+            # A truncated or corrupt .gz: the records before the damage are kept, the rest is
+            # one rejection, since the lines after the damage cannot be counted.
+            yield (
+                f"{path}:{number + 1}",
+                Rejected(CORRUPT_FILE, f"the file cannot be read from this line on ({error})"),
+            )
+
+
+def _parsed(raw: bytes) -> Any:
+    """The JSON value of one line, or the ``Rejected`` saying why it has none."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return Rejected(INVALID_UTF8, f"not UTF-8 (byte {error.start}){encoding_hint(raw)}")
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        return Rejected(NOT_JSON, f"not JSON ({error.msg})")
+    except RecursionError:
+        return Rejected(NOT_JSON, "not JSON (nested too deeply)")
+
+
+def _characters(record: Any) -> int:
+    """Characters in every string of ``record`` (keys included), however deeply nested."""
+    total, stack = 0, [record]
+    while stack:  # a loop, not recursion: a record may nest as deep as JSON allows
+        value = stack.pop()
+        if isinstance(value, str):
+            total += len(value)
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return total
+
+
+def _not_oversized(record: Any) -> None:
+    """Reject a record too large for any context before it is rendered and tokenized (a 50 MB
+    record would take the tokenizer seconds to measure)."""
+    size = _characters(record)
+    if size > MAX_EXAMPLE_CHARACTERS:
+        raise Rejected(
+            TOO_LONG,
+            f"{size:,} characters, more than an example may have "
+            f"({MAX_EXAMPLE_CHARACTERS:,}: no model's context holds it)",
+        )
 
 
 class Encoder:
@@ -152,6 +213,7 @@ class Encoder:
         """One SFT record (from ``origin``, file:line) as a one-segment unit, or ``Rejected``."""
         if isinstance(record, Rejected):
             raise record
+        _not_oversized(record)
         if isinstance(record, dict) and "messages" in record:
             return Unit((self._conversation(record["messages"], last_turn_only=False),), origin)
         if isinstance(record, dict) and "prompt" in record and "completion" in record:
@@ -164,6 +226,7 @@ class Encoder:
         """One DPO record (from ``origin``) as a (chosen, rejected) unit, or ``Rejected``."""
         if isinstance(record, Rejected):
             raise record
+        _not_oversized(record)
         if not isinstance(record, dict) or not {"prompt", "chosen", "rejected"} <= record.keys():
             raise Rejected(
                 UNKNOWN_SHAPE, "expected {'prompt': ..., 'chosen': ..., 'rejected': ...}"
@@ -303,6 +366,8 @@ def load_units(
                 unit = encode(record, origin)
             except Rejected as problem:
                 account.rejected[problem.reason] += 1
+                if account.first_rejected is None:
+                    account.first_rejected = f"{origin}: {problem}"
                 if rejected_path is not None:
                     if out is None:
                         rejected_path.parent.mkdir(parents=True, exist_ok=True)
@@ -317,10 +382,16 @@ def load_units(
     finally:
         if out is not None:
             out.close()
+    if not account.read:
+        raise KinoeError(
+            f"{key}: no record in {', '.join(map(str, paths))} (the files are empty); see "
+            "docs/finetune.md for the format"
+        )
     if not units:
         reasons = ", ".join(f"{r} {n}" for r, n in account.rejected.most_common()) or "no lines"
         raise KinoeError(
-            f"{key}: none of the {account.read} records is usable for {kind} ({reasons}); see "
-            f"{rejected_path or 'the rejected records'} and docs/finetune.md for the format"
+            f"{key}: none of the {account.read} records is usable for {kind} ({reasons}), the "
+            f"first {account.first_rejected}; see {rejected_path or 'the rejected records'} and "
+            "docs/finetune.md for the format"
         )
     return units, account

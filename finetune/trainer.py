@@ -308,11 +308,12 @@ def _load_data(
     for name, counted in accounts.items():
         if counted["rejected"] and world.is_main:
             logger.warning(
-                "data.%s: %d of %d records rejected (%s); they are in %s",
+                "data.%s: %d of %d records rejected (%s), the first %s; they are in %s",
                 name,
                 sum(counted["rejected"].values()),
                 counted["read"],
                 ", ".join(f"{r} {n}" for r, n in counted["rejected"].items()),
+                counted["first_rejected"],
                 rejected,
             )
     plan = training_plan(

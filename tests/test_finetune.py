@@ -7,6 +7,7 @@ questions from ../shared/data, as jaster-style examples.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -31,7 +32,7 @@ from finetune.jaster import jaster_record
 from finetune.packing import IGNORE, collate, pack, rank_micro_batches, training_plan
 from tokenizer.chat import TURN_END
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, error_lines
 
 JGLUE = SHARED_DATA / "eval" / "jglue"
 JCQA = REGISTRY["jcommonsenseqa"]
@@ -524,3 +525,152 @@ def test_mixtral_lora_reports_expert_balance_and_merges(kinoe_model_dir, tmp_pat
     )
     changed = {name for name in base if not torch.equal(base[name], tuned[name])}
     assert changed and all("self_attn" in name for name in changed), sorted(changed)[:4]
+
+
+# ------------------------------------------------------------------- bad input: what the user sees
+#
+# The matrix of tests/test_tokenizer_stage.py and tests/test_eval.py for `kinoe finetune sft`'s
+# data.train (docs/reliability.md, "Bad input"): one `error:` line and a non-zero exit code, or
+# the bad records counted by reason, the first named file:line in a warning, set aside in
+# rejected.jsonl, and every good record kept. The data are read and counted before the model
+# is built; so that no row trains, the rows that count give the config an architecture
+# override fine-tuning refuses when it builds the model (model.overrides.hidden_size), and the
+# run stops there, right after counting.
+
+GOOD_EXAMPLES = 6
+STOP = "model.overrides.hidden_size: fine-tuning keeps the starting model's architecture"
+
+
+@pytest.fixture(scope="module")
+def small_model_dir(tmp_path_factory) -> Path:
+    """A random 2-layer Mistral with the project's tokenizer and chat template (tests/test_eval.py)."""
+    from test_eval import build_tokenizer, mistral, save
+
+    tokenizer_dir, _ = build_tokenizer(tmp_path_factory.mktemp("ft_tokenizer"))
+    return save(mistral(), tokenizer_dir, tmp_path_factory.mktemp("ft_model"))
+
+
+def examples(count: int, start: int = 0) -> list[dict]:
+    """JCommonsenseQA validation questions as prompt/completion records."""
+    records = JCQA.read(JGLUE / "jcommonsenseqa-valid.json").records[start : start + count]
+    return [
+        {
+            "prompt": r.fields["question"] + "\n答え：",
+            "completion": r.fields[f"choice{r.fields['label']}"],
+        }
+        for r in records
+    ]
+
+
+def example_lines(records: list) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+
+
+def among_good_examples(*bad: bytes) -> dict[str, bytes]:
+    good = example_lines(examples(GOOD_EXAMPLES)).splitlines(keepends=True)
+    return {"good.jsonl": b"".join(good[:3] + list(bad) + good[3:])}
+
+
+def truncated_examples_gz() -> dict[str, bytes]:
+    packed = gzip.compress(example_lines(examples(200, start=GOOD_EXAMPLES)))
+    return {
+        "good.jsonl": example_lines(examples(GOOD_EXAMPLES)),
+        "other.jsonl.gz": packed[: len(packed) // 2],
+    }
+
+
+# name -> (files of the data folder, config changes, expected: exit code and the error's words,
+# or (records rejected by reason, words of the first rejection))
+FINETUNE_MATRIX = {
+    "empty file": (lambda: {"empty.jsonl": b""}, {}, (1, "data.train: no record in")),
+    "invalid UTF-8": (
+        lambda: among_good_examples(b'{"prompt": "caf\xe9", "completion": "x"}\n'),
+        {},
+        ({"invalid_utf8": 1}, "good.jsonl:4: not UTF-8 (byte 15)"),
+    ),
+    "Shift_JIS file": (
+        lambda: {
+            "good.jsonl": example_lines(examples(GOOD_EXAMPLES)),
+            "sjis.jsonl": example_lines(examples(3, start=50)).decode().encode("cp932", "replace"),
+        },
+        {},
+        ({"invalid_utf8": 3}, "sjis.jsonl:1: not UTF-8 (byte 12) but reads as Shift_JIS"),
+    ),
+    "truncated .gz": (
+        truncated_examples_gz,
+        {},
+        ({"corrupt_file": 1}, "the file cannot be read from this line on"),
+    ),
+    "malformed record": (
+        lambda: among_good_examples('{"prompt": "途中で切れ\n'.encode()),
+        {},
+        ({"not_json": 1}, "good.jsonl:4: not JSON (Invalid control character"),
+    ),
+    "wrong field type": (
+        lambda: among_good_examples(b'{"prompt": 42, "completion": "x"}\n', b"[1, 2]\n"),
+        {},
+        ({"unknown_shape": 2}, "good.jsonl:4: prompt is a int, not text"),
+    ),
+    "50 MB record": (
+        lambda: among_good_examples(
+            example_lines([{"prompt": "問" * (50 * 2**20 // 3), "completion": "答"}])
+        ),
+        {},
+        ({"too_long": 1}, "good.jsonl:4: 17,476,283 characters, more than an example may have"),
+    ),
+    "missing file": (lambda: {}, {"data": {"train": ["nowhere"]}}, (1, "input data.train.0 = ")),
+    "number as a string": (
+        lambda: among_good_examples(),
+        {"train": {"global_batch_size": "2", "micro_batch_size": 1}},
+        (2, "global_batch_size must be an integer, not the string '2'"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(FINETUNE_MATRIX))
+def test_bad_input_to_finetune_sft(case, small_model_dir, tmp_path, kinoe):
+    files, changes, expected = FINETUNE_MATRIX[case]
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, content in files().items():
+        (data / name).write_bytes(content)
+    settings = {
+        "run": {"root": str(tmp_path / "runs"), "name": "bad"},
+        "model": {"path": str(small_model_dir), "overrides": {"hidden_size": 32}},
+        "data": {"train": [str(data)], "max_length": 256, "eval_fraction": 0},
+        "train": {"global_batch_size": 2, "micro_batch_size": 1},
+    }
+    for section, values in changes.items():
+        settings[section].update(values)
+    if case == "missing file":
+        settings["data"]["train"] = [str(tmp_path / "nowhere")]
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(settings, allow_unicode=True))
+    # The process's distributed settings, given here so that none outlives the run.
+    distributed = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "DS_ACCELERATOR": "cpu"}
+    outcome = kinoe("finetune", "sft", "-c", config, env=distributed)
+    [error] = error_lines(outcome) or [""]
+    if isinstance(expected[0], int):
+        code, words = expected
+        assert outcome.returncode == code and len(error_lines(outcome)) == 1, outcome.stderr
+        assert words in error, error
+        return
+    rejected, first = expected
+    # Stopped where the model is built: after the data were counted, before any training.
+    assert outcome.returncode == 1 and len(error_lines(outcome)) == 1, outcome.stderr
+    assert STOP in error, error
+    total = sum(rejected.values())
+    warning = next(line for line in outcome.stderr.splitlines() if "records rejected" in line)
+    reasons = ", ".join(f"{reason} {count}" for reason, count in rejected.items())
+    assert f"({reasons}), the first " in warning and first in warning, warning
+    read = int(warning.split(f"data.train: {total} of ")[1].split()[0])
+    set_aside = (tmp_path / "runs/finetune/bad/sft/rejected.jsonl").read_text().splitlines()
+    assert [json.loads(line)["reason"] for line in set_aside] == [
+        r for r, n in rejected.items() for _ in range(n)
+    ]
+    # Every good record was kept: read = kept + rejected, and kept is every good example
+    # (and, for the damaged .gz, the examples before the damage).
+    if case == "truncated .gz":
+        assert read - total > GOOD_EXAMPLES
+    else:
+        assert read - total == GOOD_EXAMPLES

@@ -52,7 +52,7 @@ def _text(path: Path, read: Read) -> str | None:
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
-        hint = _encoding_hint(path.read_bytes())
+        hint = encoding_hint(path.read_bytes())
         read.malformed.append(f"{path}: not UTF-8 (byte {error.start}){hint}; the file was skipped")
         return None
 
@@ -67,12 +67,12 @@ def _lines(path: Path, read: Read) -> list[tuple[int, str]]:
         try:
             lines.append((number, raw.decode("utf-8")))
         except UnicodeDecodeError as error:
-            hint = _encoding_hint(raw)
+            hint = encoding_hint(raw)
             read.malformed.append(f"{path}:{number}: not UTF-8 (byte {error.start}){hint}")
     return lines
 
 
-def _encoding_hint(data: bytes) -> str:
+def encoding_hint(data: bytes) -> str:
     """What undecodable bytes probably are: Japanese files that are not UTF-8 are Shift_JIS."""
     try:
         data.decode("cp932")
