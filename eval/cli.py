@@ -142,10 +142,13 @@ def run_step(context: StageContext[EvalConfig]) -> dict[str, Any]:
 def mt_bench_step(context: StageContext[EvalConfig]) -> dict[str, Any]:
     """The model's answers to Japanese MT-Bench, appended to answers.jsonl as they are made."""
     from eval.model import load_model
-    from eval.mt_bench import generate_answers
+    from eval.mt_bench import generate_answers, read_questions
 
-    loaded = load_model(context.config, context.logger)
-    summary = generate_answers(loaded, context.config, context.run_dir, context.logger)
+    config = context.config
+    # Read first: a bad question file is one line before minutes of loading the model.
+    questions = read_questions(_set(config.mt_bench.questions, "mt_bench.questions"))
+    loaded = load_model(config, context.logger)
+    summary = generate_answers(loaded, config, questions, context.run_dir, context.logger)
     summary["placement"] = loaded.placement.summary()
     return summary
 

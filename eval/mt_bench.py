@@ -13,6 +13,12 @@ Turn 2 is judged with the ``-multi-turn`` prompts when the prompt file has them 
 English set does); the Japanese file has only single-turn prompts, so then the single-turn
 prompt gets the conversation so far as its question, and the report says so.
 
+The input files are checked line by line (``eval.tasks.readers``: UTF-8, JSON, one object a
+line) and field by field. A bad line in the questions or the reference answers stops the run in
+one line naming the first, since judging a changed benchmark would give scores that compare with
+nothing; a bad line in an answers file is left out, counted and named in a warning, and the
+other answers are judged.
+
 Both files are appended to as work finishes, so a run that stops (crash, preemption, the judge
 endpoint down past its retries) continues where it stopped when run again. Records written
 before samples existed have no ``sample`` and count as sample 0.
@@ -29,6 +35,7 @@ import statistics
 import time
 import unicodedata
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +44,8 @@ from common.errors import KinoeError
 from common.manifest import sha256_file
 from common.progress import Progress
 from eval.config import EvalConfig
+from eval.data import MAX_EXAMPLE_CHARACTERS
+from eval.tasks.readers import read_json_lines
 
 if TYPE_CHECKING:  # httpx is imported only when judging, not to generate answers on GPU nodes
     from eval.judge_client import JudgeClient
@@ -49,24 +58,72 @@ _TURN2_SINGLE_PROMPT = "{question_1}\n\n[アシスタントの1回目の回答]\
 
 
 def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """Records of a JSON-lines file, and how many lines were not JSON objects (a cut-off last line)."""
-    records, malformed = [], 0
+    """Records of a JSON-lines file (none if absent), and how many lines were not JSON objects."""
     if not Path(path).is_file():
-        return records, malformed
-    with Path(path).open(encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                malformed += 1
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-            else:
-                malformed += 1
-    return records, malformed
+        return [], 0
+    read = read_json_lines(Path(path))
+    return [record.fields for record in read.records], len(read.malformed)
+
+
+def _checked_lines(
+    path: Path, problem: Callable[[dict[str, Any]], str | None]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The records of ``path`` that ``problem`` finds nothing wrong with, and one ``path:line: why``
+    per line left out, in line order."""
+    read = read_json_lines(Path(path))
+    records, left_out = [], list(read.malformed)
+    for record in read.records:
+        why = problem(record.fields)
+        if why is None:
+            records.append(record.fields)
+        else:
+            left_out.append(f"{record.origin}: {why}")
+    # Every entry starts "<path>:<line>:", so the first by line is the one to show.
+    left_out.sort(key=lambda entry: int(entry[len(str(path)) + 1 :].split(":", 1)[0]))
+    return records, left_out
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int | str) and not isinstance(value, bool)
+
+
+def _too_long(texts: list[str], what: str) -> str | None:
+    size = sum(map(len, texts))
+    if size > MAX_EXAMPLE_CHARACTERS:
+        return (
+            f"{size:,} characters, more than {what} may have "
+            f"({MAX_EXAMPLE_CHARACTERS:,}: no model's context holds it)"
+        )
+    return None
+
+
+def question_problem(record: dict[str, Any]) -> str | None:
+    """Why ``record`` is not an MT-Bench question, or None."""
+    if not _is_id(record.get("question_id")):
+        return "question_id must be a number or a string"
+    if not isinstance(record.get("category"), str):
+        return "category must be a string"
+    turns = record.get("turns")
+    if not isinstance(turns, list) or not turns:
+        return "turns must be a list of the user's turns"
+    if not all(isinstance(turn, str) and turn.strip() for turn in turns):
+        return "every turn must be a non-empty string"
+    return _too_long(turns, "a question")
+
+
+def answer_problem(record: dict[str, Any]) -> str | None:
+    """Why ``record`` is not an answer in FastChat's format (``choices[0].turns``), or None."""
+    if not _is_id(record.get("question_id")):
+        return "question_id must be a number or a string"
+    if sample_of(record) is None:
+        return "sample must be a whole number >= 0"
+    choices = record.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return "choices must be a list of objects, [{'turns': [...]}]"
+    turns = choices[0].get("turns")
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+        return "choices[0].turns must be a non-empty list of strings"
+    return _too_long(turns, "an answer")
 
 
 def _required(path: Path | None, key: str) -> Path:
@@ -76,13 +133,16 @@ def _required(path: Path | None, key: str) -> Path:
 
 
 def read_questions(path: Path) -> list[dict[str, Any]]:
-    """Questions with ``question_id``, ``category`` and two ``turns``."""
-    records, malformed = read_jsonl(path)
-    bad = [r for r in records if not {"question_id", "category", "turns"} <= r.keys()]
-    if malformed or bad or not records:
+    """Questions with ``question_id``, ``category`` and their ``turns``; one bad line stops the run."""
+    records, left_out = _checked_lines(path, question_problem)
+    if left_out:
         raise KinoeError(
-            f"{path}: {malformed + len(bad)} lines are not MT-Bench questions "
-            "(question_id, category, turns); use question.jsonl of Japanese MT-Bench"
+            f"mt_bench.questions: {len(left_out)} lines are not MT-Bench questions, the first "
+            f"{left_out[0]}; fix the file or use question.jsonl of Japanese MT-Bench"
+        )
+    if not records:
+        raise KinoeError(
+            f"mt_bench.questions: {path} holds no question; use question.jsonl of Japanese MT-Bench"
         )
     return records
 
@@ -91,8 +151,39 @@ def read_references(path: Path | None) -> dict[Any, list[str]]:
     """Reference answers by question id (FastChat answer files: ``choices[0].turns``)."""
     if path is None:
         return {}
-    records, _ = read_jsonl(path)
-    return {r["question_id"]: list(r["choices"][0]["turns"]) for r in records if r.get("choices")}
+    records, left_out = _checked_lines(path, answer_problem)
+    if left_out:
+        # A reference left out would silently switch its question to the judge prompt without one.
+        raise KinoeError(
+            f"judge.references: {len(left_out)} lines are not reference answers, the first "
+            f"{left_out[0]}; fix the file or use gpt-4.jsonl of Japanese MT-Bench"
+        )
+    if not records:
+        raise KinoeError(
+            f"judge.references: {path} holds no reference answer; use gpt-4.jsonl of Japanese "
+            "MT-Bench, or unset judge.references"
+        )
+    return {r["question_id"]: list(r["choices"][0]["turns"]) for r in records}
+
+
+def read_answers(path: Path, logger: logging.Logger) -> tuple[list[dict[str, Any]], list[str]]:
+    """The answers of ``path`` to judge, and the lines left out (warned about; the rest is judged)."""
+    records, left_out = _checked_lines(path, answer_problem)
+    if left_out:
+        logger.warning(
+            "judge: %s lines of %s are not answers and are left out, the first %s; the other "
+            "answers are judged",
+            len(left_out),
+            path,
+            left_out[0],
+        )
+    if not records:
+        first = f", the first {left_out[0]}" if left_out else ""
+        raise KinoeError(
+            f"judge: {path} holds no answer to judge ({len(left_out)} lines left out{first}); "
+            "run `kinoe eval mt-bench` or point judge.answers at FastChat answers"
+        )
+    return records, left_out
 
 
 def judge_pin(config: EvalConfig) -> dict[str, Any]:
@@ -200,16 +291,23 @@ def _chat_prompt(loaded, messages: list[dict[str, str]]) -> list[int]:
 
 
 def generate_answers(
-    loaded, config: EvalConfig, run_dir: Path, logger: logging.Logger
+    loaded,
+    config: EvalConfig,
+    questions: list[dict[str, Any]],
+    run_dir: Path,
+    logger: logging.Logger,
 ) -> dict[str, Any]:
-    """Answer every (question, sample) not yet in ``answers.jsonl``; append each as both its turns are done."""
+    """Answer every (question, sample) not yet in ``answers.jsonl``; append each as both its turns are done.
+
+    ``questions`` are ``read_questions``'s, read before the model is loaded so a bad file costs no load.
+    """
     from eval.generate import Decoding, generate_batch
     from eval.model import Batcher, truncate_left
 
-    questions = read_questions(_required(config.mt_bench.questions, "mt_bench.questions"))
     path = run_dir / ANSWERS
-    existing, malformed = read_jsonl(path)
-    done = {(r["question_id"], sample_of(r)) for r in existing if "question_id" in r}
+    existing, left_out = _checked_lines(path, answer_problem) if path.is_file() else ([], [])
+    malformed = len(left_out)
+    done = {(r["question_id"], sample_of(r)) for r in existing}
     samples = config.mt_bench.samples
     pending = [
         (sample, q)
@@ -384,12 +482,8 @@ def run_judge(
     prompts = read_judge_prompts(_required(config.judge.prompts, "judge.prompts"))
     references = read_references(config.judge.references)
     samples = config.mt_bench.samples
-    answer_records, _ = read_jsonl(answers_path)
-    answers = {
-        (r["question_id"], sample_of(r)): r
-        for r in answer_records
-        if r.get("choices") and "question_id" in r
-    }
+    answer_records, answers_left_out = read_answers(answers_path, logger)
+    answers = {(r["question_id"], sample_of(r)): r for r in answer_records}
     missing = [
         (q["question_id"], sample)
         for sample in range(samples)
@@ -459,8 +553,13 @@ def run_judge(
     judgments, _ = read_jsonl(path)
     summary = summarize(judgments, questions, samples)
     summary.update(
-        answers_missing=len(missing), failed=len(failures), retries=getattr(client, "retries", 0)
+        answers_missing=len(missing),
+        answers_left_out=len(answers_left_out),
+        failed=len(failures),
+        retries=getattr(client, "retries", 0),
     )
+    if answers_left_out:
+        summary["answers_left_out_first"] = answers_left_out[:10]
     if failures:
         summary["failures"] = failures[:10]
     return summary

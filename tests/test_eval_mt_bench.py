@@ -4,6 +4,7 @@ replies, resumable judgments, redirects, the key kept to the endpoint's origin).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.server
 import json
@@ -21,7 +22,7 @@ from eval.cli import STEPS, step_dir
 from eval.config import EvalConfig
 from eval.mt_bench import ANSWERS, JUDGMENTS, _chat_prompt, parse_score, read_jsonl
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, error_lines
 
 MT_BENCH = SHARED_DATA / "eval" / "ja_mt_bench"
 KEY = "sk-kinoe-test-0123456789abcdef"
@@ -475,3 +476,173 @@ def test_the_key_goes_only_to_the_endpoint_origin(questions, judge, tmp_path, mo
     config = config_for(tmp_path / "environment", questions, **{"judge.answers": answers})
     with pytest.raises(KinoeError, match=r"^\$OPENAI_BASE_URL is http:// to example.com"):
         run_stage(STEPS["judge"], config)
+
+
+# ---------------------------------------------------------------- bad input: what the user sees
+#
+# The matrix of tests/test_eval.py for `kinoe eval judge`'s input files (docs/reliability.md,
+# "Bad input"). A bad question or reference answer stops the run in one `error:` line naming the
+# first (a changed benchmark scores nothing comparable), before any request; a bad line of the
+# answers file is left out, counted and named in a warning, and every other answer is judged.
+
+
+def good_answers(records: list[dict]) -> bytes:
+    return "".join(
+        json.dumps(
+            {
+                "question_id": q["question_id"],
+                "model_id": "m",
+                "choices": [{"turns": ["はい。", "いいえ。"]}],
+            },
+            ensure_ascii=False,
+        )
+        + "\n"
+        for q in records
+    ).encode()
+
+
+def with_line(good: bytes, bad: bytes) -> bytes:
+    """``good``'s lines with ``bad`` after the first."""
+    lines = good.splitlines(keepends=True)
+    return b"".join([*lines[:1], bad, *lines[1:]])
+
+
+def fifty_mb_answer(good: bytes) -> bytes:
+    turns = ["答" * (50 * 2**20 // 3), "x"]
+    record = {"question_id": 1, "model_id": "m", "choices": [{"turns": turns}]}
+    return with_line(good, json.dumps(record, ensure_ascii=False).encode() + b"\n")
+
+
+def truncated_answers_gz(good: bytes) -> bytes:
+    packed = gzip.compress(good)
+    return packed[: len(packed) // 2]
+
+
+NOT_UTF8 = b'{"question_id": 1, "model_id": "caf\xe9", "choices": [{"turns": ["a"]}]}\n'
+CUT = '{"question_id": 1, "choices": [{"turns": ["途中で\n'.encode()
+
+# name -> (which file: questions, references or answers; its bytes from the good ones (None:
+# absent); expected: the error's words, or (lines left out, words of the first))
+MT_BENCH_MATRIX = {
+    "answers: empty file": ("answers", lambda good: b"", "holds no answer to judge (0 lines"),
+    "answers: invalid UTF-8": (
+        "answers",
+        lambda good: with_line(good, NOT_UTF8),
+        (1, ":2: not UTF-8 (byte 35)"),
+    ),
+    "answers: Shift_JIS file": (
+        "answers",
+        lambda good: good.decode().encode("cp932"),
+        "holds no answer to judge (3 lines left out, the first",
+    ),
+    "answers: .gz (not accepted)": ("answers", truncated_answers_gz, "holds no answer to judge"),
+    "answers: malformed record": (
+        "answers",
+        lambda good: with_line(good, CUT),
+        (1, ":2: not JSON ("),
+    ),
+    "answers: wrong field type": (
+        "answers",
+        lambda good: with_line(
+            good,
+            b'{"question_id": [1], "choices": []}\n{"question_id": 2, "choices": [{"turns": "a"}]}\n',
+        ),
+        (2, ":2: question_id must be a number or a string"),
+    ),
+    "answers: 50 MB record": (
+        "answers",
+        fifty_mb_answer,
+        (1, ":2: 17,476,267 characters, more than an answer may have"),
+    ),
+    "answers: missing file": ("answers", lambda good: None, "input judge.answers = "),
+    "questions: empty file": ("questions", lambda good: b"", "holds no question"),
+    "questions: invalid UTF-8": (
+        "questions",
+        lambda good: with_line(good, NOT_UTF8),
+        ":2: not UTF-8 (byte 35)",
+    ),
+    "questions: Shift_JIS file": (
+        "questions",
+        lambda good: good.decode().encode("cp932"),
+        "reads as Shift_JIS: convert the file",
+    ),
+    "questions: malformed record": (
+        "questions",
+        lambda good: with_line(good, CUT),
+        ":2: not JSON (",
+    ),
+    "questions: wrong field type": (
+        "questions",
+        lambda good: with_line(
+            good, b'{"question_id": 7, "category": "writing", "turns": "one"}\n'
+        ),
+        ":2: turns must be a list of the user's turns",
+    ),
+    "questions: 50 MB record": (
+        "questions",
+        lambda good: with_line(
+            good,
+            json.dumps(
+                {"question_id": 7, "category": "writing", "turns": ["問" * (50 * 2**20 // 3)]}
+            ).encode()
+            + b"\n",
+        ),
+        "characters, more than a question may have",
+    ),
+    "questions: missing file": ("questions", lambda good: None, "input mt_bench.questions = "),
+    "references: empty file": ("references", lambda good: b"", "holds no reference answer"),
+    "references: invalid UTF-8": (
+        "references",
+        lambda good: with_line(good, NOT_UTF8),
+        ":2: not UTF-8 (byte 35)",
+    ),
+    "references: malformed record": (
+        "references",
+        lambda good: with_line(good, CUT),
+        "are not reference answers, the first",
+    ),
+    "references: wrong field type": (
+        "references",
+        lambda good: with_line(good, b'{"question_id": 7, "choices": "a"}\n'),
+        ":2: choices must be a list of objects",
+    ),
+    "references: missing file": ("references", lambda good: None, "input judge.references = "),
+}
+
+
+@pytest.mark.parametrize("case", list(MT_BENCH_MATRIX))
+def test_bad_input_to_eval_judge(case, questions, judge, tmp_path, kinoe):
+    which, contents, expected = MT_BENCH_MATRIX[case]
+    records, _ = read_jsonl(questions)
+    good = {
+        "questions": questions.read_bytes(),
+        "references": (MT_BENCH / "gpt-4.jsonl").read_bytes(),
+        "answers": good_answers(records),
+    }
+    paths = {name: tmp_path / f"{name}.jsonl" for name in good}
+    for name, path in paths.items():
+        data = contents(good[name]) if name == which else good[name]
+        if data is not None:
+            path.write_bytes(data)
+    judge.failures_first = []
+    outcome = kinoe(
+        "eval", "judge", "run.name=mt", f"mt_bench.questions={paths['questions']}",
+        f"judge.prompts={MT_BENCH / 'judge_ja_prompts.jsonl'}",
+        f"judge.references={paths['references']}", f"judge.answers={paths['answers']}",
+        f"judge_endpoint.api_key_env={KEY_ENV}", f"judge_endpoint.base_url={judge.base_url}",
+        env={KEY_ENV: KEY},
+    )  # fmt: skip
+    if isinstance(expected, str):
+        assert outcome.returncode == 1 and len(error_lines(outcome)) == 1, outcome.stderr
+        assert expected in error_lines(outcome)[0], error_lines(outcome)[0]
+        assert not judge.requests  # refused before anything was sent
+        return
+    left_out, first = expected
+    assert outcome.returncode == 0 and not error_lines(outcome), outcome.stderr
+    summary = json.loads((tmp_path / "runs/eval/mt/judge/manifest.json").read_text())["summary"]
+    assert summary["answers_left_out"] == left_out
+    assert first in summary["answers_left_out_first"][0]
+    warning = f"{left_out} lines of {paths['answers']} are not answers and are left out, the first"
+    assert warning in outcome.stderr and first in outcome.stderr
+    # Every good answer was judged: both turns of each question.
+    assert summary["answers_missing"] == 0 and summary["judgments"] == 2 * len(records)
