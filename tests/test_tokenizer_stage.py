@@ -334,6 +334,13 @@ def shift_jis(leads: list[dict]) -> dict[str, bytes]:
     }
 
 
+# JSON allows "\ud800" unpaired, but such a text is not Unicode: it cannot be written as UTF-8
+# (the sample) nor encoded (SentencePiece raises TypeError).
+EMPTY_AND_SURROGATE_TEXTS = (
+    b'{"id": "e", "text": "", "source": "wikipedia"}\n',
+    b'{"id": "s", "text": "\\ud800\xe3\x81\x82", "source": "wikipedia"}\n',
+)
+
 # name -> (files of the documents folder, config changes, expected: exit code and the error's
 # words, or the records left out by reason)
 TOKENIZER_MATRIX = {
@@ -362,6 +369,11 @@ TOKENIZER_MATRIX = {
         ),
         {},
         {"text_not_a_string": 1, "not_an_object": 1},
+    ),
+    "empty or unpaired-surrogate text": (
+        lambda leads: with_bad_lines(leads, *EMPTY_AND_SURROGATE_TEXTS),
+        {},
+        {"empty_text": 1, "unpaired_surrogate": 1},
     ),
     "50 MB record": (fifty_mb_record, {}, {}),
     "missing file": (lambda leads: {}, {"documents": "nowhere"}, (1, "input sample.documents = ")),
