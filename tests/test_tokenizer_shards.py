@@ -15,10 +15,9 @@ import pytest
 import sentencepiece as spm
 from datatrove.data import Document
 from datatrove.executor import LocalPipelineExecutor
-from datatrove.pipeline.readers import JsonlReader
 
 from common.errors import KinoeError
-from tokenizer.encode import EncodeShards, assemble_shard_sets
+from tokenizer.encode import DocumentReader, EncodeShards, assemble_shard_sets
 from tokenizer.indexed import (
     IndexedDataset,
     IndexedDatasetWriter,
@@ -212,7 +211,8 @@ def test_out_of_range_ids_are_refused_and_leave_nothing(tmp_path):
 
 @pytest.fixture(scope="module")
 def encoded_sets(tmp_path_factory, corpus, model) -> dict:
-    """Real documents of two sources through EncodeShards in a 2-task datatrove pipeline."""
+    """Real documents of two sources read and encoded as `kinoe tokenizer encode` does, in a
+    2-task datatrove pipeline."""
     model_path, processor = model
     root = tmp_path_factory.mktemp("encode")
     records = [
@@ -227,7 +227,7 @@ def encoded_sets(tmp_path_factory, corpus, model) -> dict:
     output = root / "tokens"
     LocalPipelineExecutor(
         [
-            JsonlReader(str(root / "input")),
+            DocumentReader(root / "input", root / "read", "encode.documents"),
             EncodeShards(str(model_path), str(output), batch_size=64),
         ],
         tasks=2,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -317,13 +319,17 @@ def truncated_gz(leads: list[dict]) -> dict[str, bytes]:
     return {"good.jsonl": jsonl(leads), "other.jsonl.gz": packed[: len(packed) // 2]}
 
 
-def fifty_mb_record(leads: list[dict]) -> dict[str, bytes]:
+def huge_document(leads: list[dict]) -> dict:
+    """One 50 MB document of real Japanese (source other)."""
     text = "".join(lead["text"] for lead in leads)
     text *= 50 * 2**20 // len(text.encode()) + 1
+    return {"id": "huge", "text": text, "source": "other", "metadata": {}}
+
+
+def fifty_mb_record(leads: list[dict]) -> dict[str, bytes]:
     # Not held out (held-out documents are kept whole for the report): this row is about the sample.
     assert not is_held_out("huge", 1234, 0.01)
-    huge = {"id": "huge", "text": text, "source": "other", "metadata": {}}
-    return {"good.jsonl": jsonl(leads), "huge.jsonl": jsonl([huge])}
+    return {"good.jsonl": jsonl(leads), "huge.jsonl": jsonl([huge_document(leads)])}
 
 
 def shift_jis(leads: list[dict]) -> dict[str, bytes]:
@@ -333,6 +339,13 @@ def shift_jis(leads: list[dict]) -> dict[str, bytes]:
         "sjis.jsonl": jsonl(others).decode().encode("cp932", "replace"),
     }
 
+
+# JSON allows "\ud800" unpaired, but such a text is not Unicode: it cannot be written as UTF-8
+# (the sample) nor encoded (SentencePiece raises TypeError).
+EMPTY_AND_SURROGATE_TEXTS = (
+    b'{"id": "e", "text": "", "source": "wikipedia"}\n',
+    b'{"id": "s", "text": "\\ud800\xe3\x81\x82", "source": "wikipedia"}\n',
+)
 
 # name -> (files of the documents folder, config changes, expected: exit code and the error's
 # words, or the records left out by reason)
@@ -362,6 +375,11 @@ TOKENIZER_MATRIX = {
         ),
         {},
         {"text_not_a_string": 1, "not_an_object": 1},
+    ),
+    "empty or unpaired-surrogate text": (
+        lambda leads: with_bad_lines(leads, *EMPTY_AND_SURROGATE_TEXTS),
+        {},
+        {"empty_text": 1, "unpaired_surrogate": 1},
     ),
     "50 MB record": (fifty_mb_record, {}, {}),
     "missing file": (lambda leads: {}, {"documents": "nowhere"}, (1, "input sample.documents = ")),
@@ -421,3 +439,119 @@ def test_bad_input_to_tokenizer_train(case, leads, tmp_path, kinoe):
     if case == "50 MB record":  # one document, read only as far as its source's budget
         assert summary["documents"]["other"] == 1
         assert 65_000 <= summary["characters"]["other"] < 65_000 + 4192
+
+
+# `kinoe tokenizer encode` reads the same documents the same way (tokenizer.encode.DocumentReader):
+# the rows above, with encode's own outcome where it differs. Its tokenizer is llm-jp's (real
+# Japanese pieces, encoding 50 MB in about 2 s), put where `kinoe tokenizer train` would.
+ENCODE_MATRIX = {
+    **{
+        case: TOKENIZER_MATRIX[case]
+        for case in (
+            "invalid UTF-8",
+            "Shift_JIS file",
+            "truncated .gz",
+            "malformed record",
+            "wrong field type",
+            "empty or unpaired-surrogate text",
+        )
+    },
+    "empty file": (
+        lambda leads: {"empty.jsonl": b""},
+        {},
+        (1, "no document to encode in the 1 file(s) under"),
+    ),
+    "50 MB record": (
+        lambda leads: {"good.jsonl": jsonl(leads), "huge.jsonl": jsonl([huge_document(leads)])},
+        {},
+        {},
+    ),
+    "missing file": (lambda leads: {}, {"documents": "nowhere"}, (1, "input encode.documents = ")),
+    "number as a string": (
+        lambda leads: {"good.jsonl": jsonl(leads)},
+        {"batch_size": "256"},
+        (2, "'encode.batch_size': batch_size must be an integer, not the string '256'"),
+    ),
+}
+
+
+def readable_records(files: dict[str, bytes]) -> list[dict]:
+    """The good records of the other source: whole lines of valid JSON before any damage."""
+    records = []
+    for name, data in files.items():
+        if name.endswith(".gz"):  # a truncated stream: the lines that decompress whole
+            data = zlib.decompressobj(wbits=31).decompress(data)
+            data = data[: data.rfind(b"\n") + 1]
+        for line in data.splitlines():
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                continue
+            if isinstance(record, dict) and record.get("source") == "other":
+                records.append(record)
+    return records
+
+
+@pytest.fixture(scope="module")
+def llm_jp() -> spm.SentencePieceProcessor:
+    return spm.SentencePieceProcessor(model_file=str(LLM_JP))
+
+
+@pytest.mark.parametrize("case", list(ENCODE_MATRIX))
+def test_bad_input_to_tokenizer_encode(case, leads, llm_jp, tmp_path, kinoe):
+    build, encode_changes, expected = ENCODE_MATRIX[case]
+    files = build(leads)
+    documents = tmp_path / "documents"
+    documents.mkdir()
+    for name, data in files.items():
+        (documents / name).write_bytes(data)
+    encode = {k: (str(tmp_path / v) if k == "documents" else v) for k, v in encode_changes.items()}
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"root": str(tmp_path / "runs")},
+                "sample": {"documents": str(documents)},
+                "encode": encode,
+                # Two tasks in this process: one file each, their accounts added up.
+                "executor": {"tasks": 2, "workers": 1},
+            }
+        )
+    )
+    train = tmp_path / "runs" / "tokenizer" / "bad" / "train"
+    train.mkdir(parents=True)
+    shutil.copy(LLM_JP, train / "tokenizer.model")
+    outcome = kinoe("tokenizer", "encode", "-c", config)
+    if isinstance(expected, tuple):
+        code, words = expected
+        assert outcome.returncode == code and len(error_lines(outcome)) == 1, outcome.stderr
+        assert words in error_lines(outcome)[0], error_lines(outcome)[0]
+        return
+    assert outcome.returncode == 0 and not error_lines(outcome), outcome.stderr
+    # Every good record is encoded, whole: documents and tokens as encoding each one gives.
+    shards = train.parent / "encode" / "shards"
+    others = readable_records({n: d for n, d in files.items() if n != "good.jsonl"})
+    for source, records in (("wikipedia", leads), ("other", others)):
+        if not records:
+            assert not (shards / source).exists()
+            continue
+        meta = json.loads((shards / source / "shards.json").read_text())
+        assert meta["documents"] == len(records), source
+        if case != "50 MB record":  # encoding it again here would cost seconds; checked below
+            tokens = sum(len(ids) + 1 for ids in llm_jp.encode([r["text"] for r in records]))
+            assert meta["tokens"] == tokens, source
+    if case == "50 MB record":  # a real document: encoded whole, not cut
+        (dataset,) = open_shard_set(shards / "other", tokenizer_sha256(LLM_JP))
+        ids, text = dataset[0], others[0]["text"]
+        assert ids[-1] == llm_jp.eos_id() and len(ids) > 10_000_000
+        assert text.startswith(llm_jp.decode(ids[:50].tolist()))
+        assert text.endswith(llm_jp.decode(ids[-51:-1].tolist()))
+    summary = read_manifest(train.parent / "encode").summary
+    assert summary["read"]["documents"] == GOOD + len(others)
+    assert summary["read"]["rejected"] == expected
+    for reason in expected:
+        first = summary["read"]["first_rejected"][reason]
+        assert first.startswith(str(documents)), first
+        assert f"left out of the documents ({reason}), the first at {first}" in outcome.stderr
+    if case == "truncated .gz":  # the records before the damage are encoded
+        assert 0 < len(others) < 300

@@ -5,6 +5,7 @@
                                /report/   report.json, report.md
                                /encode/   shards/<source>/<task>.bin|.idx, shards.json
                                           conversations/<chat source>/<task>.json, .rejected.jsonl
+                                          documents/<task>.json (documents read, records left out)
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ HELD_OUT_FILE = "held_out.jsonl"
 HF_DIR = "hf"
 SHARDS_DIR = "shards"
 CONVERSATIONS_DIR = "conversations"
+DOCUMENTS_DIR = "documents"
 
 
 def step_dir(config: TokenizerConfig, step: str) -> Path:
@@ -153,20 +155,15 @@ def report_step(context: StageContext[TokenizerConfig]) -> dict[str, Any]:
 def encode_step(context: StageContext[TokenizerConfig]) -> dict[str, Any] | Submitted:
     """Encode every document and conversation into Megatron shards, one shard set per source."""
     import sentencepiece as spm
-    from datatrove.pipeline.readers import JsonlReader, ParquetReader
 
     from tokenizer.conversations import ConversationReader, conversation_summary
-    from tokenizer.encode import EncodeShards, assemble_shard_sets
+    from tokenizer.encode import DocumentReader, EncodeShards, assemble_shard_sets, read_summary
     from tokenizer.indexed import tokenizer_sha256
 
     config = context.config
     documents = config.documents_to_encode()
-    parquet = any(documents.rglob("*.parquet"))
-    reader = (
-        ParquetReader(str(documents), glob_pattern="**/*.parquet")
-        if parquet
-        else JsonlReader(str(documents), glob_pattern="**/*.jsonl*")
-    )
+    setting = "encode.documents" if config.encode.documents else "sample.documents"
+    reader = DocumentReader(documents, context.run_dir / DOCUMENTS_DIR, setting)
     output = context.run_dir / SHARDS_DIR
     accounts = context.run_dir / CONVERSATIONS_DIR
     # Conversation readers follow the document reader in the same tasks: each passes the
@@ -206,6 +203,23 @@ def encode_step(context: StageContext[TokenizerConfig]) -> dict[str, Any] | Subm
             jobs=[*jobs, finish], note=f"job {finish} writes shards.json and completes the manifest"
         )
     timings = run_locally(stages, config.executor, logs, context.logger, "tokenizer encode")
+    read = read_summary(context.run_dir / DOCUMENTS_DIR)
+    for reason, count in read["rejected"].items():
+        context.logger.warning(
+            "tokenizer encode: %s records left out of the documents (%s), the first at %s",
+            f"{count:,}",
+            reason,
+            read["first_rejected"][reason],
+        )
+    if read["documents"] == 0:
+        left_out = ", ".join(f"{reason} {n:,}" for reason, n in read["rejected"].items())
+        first = next(iter(read["first_rejected"].values()), None)
+        found = f"records left out: {left_out}, the first at {first}" if first else "no records"
+        raise KinoeError(
+            f"tokenizer encode: no document to encode in the {read['files']} file(s) under "
+            f"{documents} ({found}); point {setting} at a data_prep run's documents/ folder "
+            "(UTF-8 JSON lines or Parquet, a string text per record)"
+        )
     processor = spm.SentencePieceProcessor(model_file=str(model_path(config)))
     sets = assemble_shard_sets(
         output, tokenizer_sha256(model_path(config)), processor.get_piece_size(), processor.eos_id()
@@ -221,6 +235,7 @@ def encode_step(context: StageContext[TokenizerConfig]) -> dict[str, Any] | Subm
                 ", ".join(f"{reason} {n:,}" for reason, n in counts["rejected"].items()),
                 accounts / source,
             )
+    _check_every_document_written(read["documents"], sets, set(config.encode.chat))
     tokens = {source: meta["tokens"] for source, meta in sets.items()}
     rehydrated = {
         source: meta["rehydration"] for source, meta in sets.items() if "rehydration" in meta
@@ -255,12 +270,24 @@ def encode_step(context: StageContext[TokenizerConfig]) -> dict[str, Any] | Subm
         "tokens": tokens,
         "documents": {source: meta["documents"] for source, meta in sets.items()},
         "conversations": chat,
+        "read": read,
         "tokenizer_sha256": tokenizer_sha256(model_path(config)),
         "seconds": seconds,
     }
     if rehydrated:
         summary["rehydration"] = rehydrated
     return summary
+
+
+def _check_every_document_written(read: int, sets: dict[str, dict], chat: set[str]) -> None:
+    """Every document the readers passed on is in the shards once (rehydration's repeats aside)."""
+    written = sum(
+        meta["rehydration"]["distinct_documents"] if "rehydration" in meta else meta["documents"]
+        for source, meta in sets.items()
+        if source not in chat
+    )
+    if written != read:
+        raise RuntimeError(f"{read} documents read but {written} in the shards")
 
 
 def job_prefix(config: TokenizerConfig) -> str:

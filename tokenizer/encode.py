@@ -1,5 +1,9 @@
 """Encoding documents into token shards: a datatrove step per task, then one assembly at the end.
 
+``DocumentReader`` reads the data_prep documents as ``kinoe tokenizer train`` does
+(``tokenizer.sample.read_documents``): a record that is not a document is counted by reason, the
+rest of its file is still read, and each task leaves ``<accounts_dir>/<rank:05d>.json`` with the
+files and documents it read and what it left out; ``read_summary`` adds those up.
 ``EncodeShards`` runs in every task of a datatrove pipeline. It writes the documents of each
 source it meets to ``<output_dir>/<source>/<rank:05d>.bin``/``.idx`` (one document per
 sequence, EOS appended; BOS first for the sources in ``bos_sources``, the conversations) and,
@@ -30,6 +34,7 @@ from typing import Any
 import numpy as np
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.readers.base import BaseDiskReader
 
 from common.errors import KinoeError
 from tokenizer.config import RehydrateConfig
@@ -41,9 +46,87 @@ from tokenizer.indexed import (
     index_path,
     write_shard_set_metadata,
 )
+from tokenizer.sample import Rejections, document_files, read_documents
 
 # <rank>.json for a task's shard, <rank>.repeat<k>.json for its k-th repeats (rehydration).
 TASK_TALLY = re.compile(r"^(\d+)(?:\.repeat(\d+))?\.json$")
+# <rank>.json: what a task's DocumentReader read.
+TASK_ACCOUNT = re.compile(r"^\d+\.json$")
+
+
+class DocumentReader(BaseDiskReader):
+    """Read data_prep documents (JSONL, JSONL.gz, Parquet) under a folder, counting bad records.
+
+    Not datatrove's JsonlReader: that one drops the rest of a file after a byte that is not UTF-8
+    and stops the task with a traceback on a truncated .gz, a line that is not an object or a
+    text that is not a string. Records become documents as datatrove's readers make them
+    (``metadata`` and the other fields, ``source`` among them, in ``Document.metadata``), and the
+    files are listed and dealt out to the tasks as they deal them, so clean input gives the same
+    shards, byte for byte.
+    """
+
+    name = "📄 Documents"
+
+    def __init__(self, folder: str | Path, accounts_dir: str | Path, setting: str):
+        files = document_files(Path(folder), setting)
+        super().__init__(str(folder))
+        self.folder = Path(folder)
+        # Listed here, on the machine that builds the pipeline, so every task shards one list;
+        # sorted as path strings, as datatrove lists them.
+        self.files = sorted(path.relative_to(self.folder).as_posix() for path in files)
+        self.accounts_dir = str(accounts_dir)
+
+    def run(
+        self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1
+    ) -> DocumentsPipeline:
+        if data:
+            yield from data
+        shard = self.files[rank::world_size]
+        if not shard:
+            return
+        self._rejections = Rejections()
+        documents = 0
+        for document in self.read_files_shard(shard):
+            documents += 1
+            self.update_doc_stats(document)
+            yield document
+        for reason, count in self._rejections.rejected.items():
+            self.stat_update(f"rejected_{reason}", value=count)
+        account = {
+            "files": len(shard),
+            "documents": documents,
+            "rejected": self._rejections.rejected,
+            "first_rejected": self._rejections.first_rejected,
+        }
+        account_path = Path(self.accounts_dir) / f"{rank:05d}.json"
+        account_path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = account_path.with_name(f".{account_path.name}.tmp")
+        temporary.write_text(json.dumps(account, ensure_ascii=False) + "\n")
+        temporary.replace(account_path)
+
+    def read_file(self, filepath: str) -> DocumentsPipeline:
+        records = read_documents(self.folder / filepath, self._rejections, parquet_columns=None)
+        for index, record in enumerate(records):
+            with self.track_time():
+                document = self.get_document_from_dict(record, filepath, index)
+            yield document
+
+
+def read_summary(accounts_dir: Path) -> dict[str, Any]:
+    """Files and documents the tasks' DocumentReaders read, and the records they left out by
+    reason with the first of each (the lowest task's)."""
+    total: dict[str, Any] = {"files": 0, "documents": 0, "rejected": {}, "first_rejected": {}}
+    folder = Path(accounts_dir)
+    accounts = folder.iterdir() if folder.is_dir() else ()
+    for path in sorted(p for p in accounts if TASK_ACCOUNT.match(p.name)):
+        account = json.loads(path.read_text(encoding="utf-8"))
+        total["files"] += account["files"]
+        total["documents"] += account["documents"]
+        for reason, count in account["rejected"].items():
+            total["rejected"][reason] = total["rejected"].get(reason, 0) + count
+        for reason, where in account["first_rejected"].items():
+            total["first_rejected"].setdefault(reason, where)
+    return total
 
 
 def _source_of(document: Document) -> str:

@@ -7,10 +7,12 @@ Each document becomes lines split after sentence ends (。！？ and newlines), 
 is still longer than SentencePiece's ``max_sentence_length`` (bytes) is cut at character
 boundaries, so the trainer never drops a line.
 
-A record that is not a document (invalid UTF-8, not JSON, not an object, no text or a text
-that is not a string) is left out and counted by reason, with where the first of each reason
-is; a truncated or corrupt file keeps the records read before the damage and counts
-``corrupt_file``. The run goes on with the rest, as ``kinoe data`` does with its input.
+A record that is not a document (invalid UTF-8, not JSON, not an object, no text, a text that
+is not a string, is empty, or holds an unpaired surrogate escape) is left out and counted by
+reason, with where the first of each reason is; a truncated or corrupt file keeps the records
+read before the damage and counts ``corrupt_file``. The run goes on with the rest, as
+``kinoe data`` does with its input. ``kinoe tokenizer encode`` reads its documents with the
+same ``document_files`` and ``read_documents`` (``tokenizer.encode.DocumentReader``).
 """
 
 from __future__ import annotations
@@ -33,8 +35,28 @@ ALL_SOURCES = "*"
 _SENTENCE_END = re.compile(r"(?<=[。！？!?])|\n")
 
 
+# Parquet columns the sample needs; encode reads every column (its metadata drives rehydration).
+SAMPLE_COLUMNS = ("id", "text", "source")
+# A \uD800-\uDFFF escape in a JSON line; only then can its text hold an unpaired surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 @dataclass
-class SampleStats:
+class Rejections:
+    """Records left out, by reason, with where the first of each reason is ("path:line")."""
+
+    rejected: dict[str, int] = field(default_factory=dict)
+    first_rejected: dict[str, str] = field(default_factory=dict)
+
+    def reject(self, reason: str, where: str) -> None:
+        """Count a record left out for ``reason``; remember the first ``where``."""
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        self.first_rejected.setdefault(reason, where)
+
+
+@dataclass
+class SampleStats(Rejections):
     """What went into the sample, per source (characters, lines, documents) and what was held out."""
 
     characters: dict[str, int] = field(default_factory=dict)
@@ -43,13 +65,6 @@ class SampleStats:
     held_out: dict[str, int] = field(default_factory=dict)
     budgets: dict[str, int] = field(default_factory=dict)
     split_long_lines: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)  # records left out, by reason
-    first_rejected: dict[str, str] = field(default_factory=dict)  # reason -> "path:line"
-
-    def reject(self, reason: str, where: str) -> None:
-        """Count a record left out of the sample for ``reason``; remember the first ``where``."""
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
-        self.first_rejected.setdefault(reason, where)
 
     def shortfalls(self) -> dict[str, int]:
         """Characters each budget fell short by because the corpus had no more."""
@@ -65,24 +80,27 @@ class SampleStats:
         }
 
 
-def document_files(folder: Path) -> list[Path]:
-    """The document shards in a data_prep output folder, sorted."""
+def document_files(folder: Path, setting: str = "sample.documents") -> list[Path]:
+    """The document shards in a data_prep output folder (named by ``setting``), sorted."""
     files = sorted(
         p for p in Path(folder).rglob("*") if p.name.endswith((".jsonl.gz", ".jsonl", ".parquet"))
     )
     if not files:
         raise KinoeError(
             f"tokenizer: no documents (*.jsonl.gz, *.jsonl, *.parquet) under {folder}; "
-            "point sample.documents at a data_prep run's documents/ folder"
+            f"point {setting} at a data_prep run's documents/ folder"
         )
     return files
 
 
-def read_documents(path: Path, stats: SampleStats) -> Iterator[dict]:
+def read_documents(
+    path: Path, stats: Rejections, parquet_columns: tuple[str, ...] | None = SAMPLE_COLUMNS
+) -> Iterator[dict]:
     """Records of one shard in the documents contract (id, text, source, metadata) whose text is a
-    string; every other record is counted in ``stats.rejected`` instead."""
+    non-empty string; every other record is counted in ``stats.rejected`` instead. A Parquet
+    shard is read in ``parquet_columns`` only (None: every column)."""
     if path.name.endswith(".parquet"):
-        yield from _parquet_documents(path, stats)
+        yield from _parquet_documents(path, stats, parquet_columns)
         return
     opener = gzip.open if path.name.endswith(".gz") else open
     number = 0
@@ -111,7 +129,12 @@ def _parse_document(raw: bytes) -> tuple[dict, str | None]:
         record = json.loads(line)
     except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting ([[[[...)
         return {}, "malformed_json"
-    return record, _document_problem(record)
+    problem = _document_problem(record)
+    # json accepts "\ud800" alone, but such a text is not Unicode: SentencePiece refuses it
+    # (TypeError) and it cannot be written as UTF-8. Searched only when the line has the escape.
+    if problem is None and _SURROGATE_ESCAPE.search(raw) and _SURROGATE.search(record["text"]):
+        problem = "unpaired_surrogate"
+    return record, problem
 
 
 def _document_problem(record: object) -> str | None:
@@ -121,16 +144,20 @@ def _document_problem(record: object) -> str | None:
         return "missing_text_field"
     if not isinstance(record["text"], str):
         return "text_not_a_string"
+    if not record["text"]:
+        return "empty_text"
     return None
 
 
-def _parquet_documents(path: Path, stats: SampleStats) -> Iterator[dict]:
+def _parquet_documents(
+    path: Path, stats: Rejections, columns: tuple[str, ...] | None
+) -> Iterator[dict]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     row = 0
     try:
-        for batch in pq.ParquetFile(path).iter_batches(columns=["id", "text", "source"]):
+        for batch in pq.ParquetFile(path).iter_batches(columns=list(columns) if columns else None):
             for record in batch.to_pylist():
                 row += 1
                 reason = _document_problem(record)
