@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import sys
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from common.config import Config, dump_config, load_config
 from common.errors import KinoeError, Stopped
@@ -47,6 +46,7 @@ from common.manifest import (
     read_manifest,
     write_manifest,
 )
+from common.run_config import RunConfig
 from common.run_lock import LOCK_NAME, exclusive
 from common.secrets import declare_secret_variables, redact
 
@@ -54,52 +54,6 @@ CONFIG_NAME = "config.yaml"
 LOGS_DIR = "logs"
 # Files the runner writes for itself; they are not the stage's outputs.
 BOOKKEEPING = (MANIFEST_NAME, CONFIG_NAME, LOGS_DIR, LOCK_NAME)
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_VARIABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def default_run_root() -> Path:
-    """$KINOE_RUN_ROOT if set, else ``runs`` in the working directory."""
-    return Path(os.environ.get("KINOE_RUN_ROOT", "runs"))
-
-
-class RunConfig(Config):
-    """Where a stage writes: ``<root>/<stage>/<name>``."""
-
-    root: Path = Field(
-        default_factory=default_run_root,
-        description="Directory holding all runs; defaults to $KINOE_RUN_ROOT, else ./runs",
-    )
-    name: str = Field(
-        default="", description="Run name; defaults to the config file's name without .yaml"
-    )
-    secret_variables: list[str] = Field(
-        default_factory=list,
-        description="Environment variables whose values are secrets although their names look "
-        "innocent (no KEY/TOKEN/SECRET/PASSWORD/WEBHOOK): redacted from logs, console errors, "
-        "manifest.json and config.yaml like the ones the name patterns catch",
-    )
-
-    @field_validator("secret_variables")
-    @classmethod
-    def _variable_names(cls, names: list[str]) -> list[str]:
-        bad = [name for name in names if not _VARIABLE_NAME.match(name)]
-        if bad:
-            # The likeliest mistake is pasting the secret itself, which must not stay in a config.
-            raise ValueError(
-                f"secret_variables lists environment variable names (letters, digits, '_'), "
-                f"never their values; {len(bad)} entr{'y is' if len(bad) == 1 else 'ies are'} not a name"
-            )
-        return names
-
-    @field_validator("name")
-    @classmethod
-    def _simple_name(cls, value: str) -> str:
-        if value and not _RUN_NAME.match(value):
-            raise ValueError(
-                f"run name {value!r} must be letters, digits, '.', '_' or '-' (it becomes a directory name)"
-            )
-        return value
 
 
 class StageConfig(Config):

@@ -27,7 +27,7 @@ from pydantic import Field
 from common.command import add_config_arguments
 from common.config import Config, load_config
 from common.manifest import git_state
-from common.run import default_run_root
+from common.run_config import default_run_root
 
 SUPPORTED_PYTHON = (3, 11)
 

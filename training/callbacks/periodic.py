@@ -9,6 +9,7 @@ fine-tuning's held-out loss (``finetune.held_out``) are the two kinds.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,7 +30,7 @@ def shared_forward_count(mine: int, world: World) -> int:
     return int(count.item())
 
 
-class PeriodicEvaluation(Callback):
+class PeriodicEvaluation(Callback, ABC):
     """The schedule and the reporting; a subclass says what ``evaluate`` scores."""
 
     # The record's title on the console (W&B takes the figures' own names).
@@ -69,9 +70,9 @@ class PeriodicEvaluation(Callback):
                 handle.write(json.dumps({"step": step, **values}) + "\n")
         return values
 
+    @abstractmethod
     def evaluate(self, step: int, model: nn.Module | None) -> dict[str, float]:
         """The figures at ``step``, the same on every rank (``model``: None at step 0)."""
-        raise NotImplementedError
 
     def recorded(self, values: dict[str, float]) -> dict[str, float]:
         """The figures under the names the console and W&B show them by."""
