@@ -31,8 +31,8 @@ PEAK_FLOPS = 989e12
 WARMUP_STEPS = 3
 
 
-def write_model(preset: str, tokenizer: Path, out: Path) -> Path:
-    """A random kinoe model of ``preset`` as a bf16 Hugging Face directory with ``tokenizer``."""
+def write_model(preset: str, tokenizer: Path, out: Path, overrides: dict | None = None) -> Path:
+    """A random kinoe model of ``preset`` (with ``overrides``) as a bf16 HF directory with ``tokenizer``."""
     import torch
 
     from convert.hf_write import write_hf_directory
@@ -43,7 +43,9 @@ def write_model(preset: str, tokenizer: Path, out: Path) -> Path:
         return out
     family = FAMILIES["mistral"]
     torch.manual_seed(0)
-    model = family.model_type(family.presets[preset]())
+    args = family.presets[preset]()
+    args = type(args).model_validate({**args.model_dump(), **(overrides or {})})
+    model = family.model_type(args)
     source = module_source("mistral", model, {"kind": "benchmark", "preset": preset})
     write_hf_directory(source, out, "bf16", tokenizer, 2_000_000_000)
     return out

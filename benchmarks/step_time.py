@@ -17,6 +17,11 @@ non-embedding parameters plus the output projection; the attention term counts t
 score matrix, so the causal half and the cross-document tiles FlexAttention skips are counted as
 work done).
 
+With ``--checkpoint-interval N`` the rows save a checkpoint every N steps inside the timed
+window, and a second table gives each save's wall time, size, and how long the rank waited for
+the files' SHA-256 digests after its last write (the digests' share of the stall; the hashing
+otherwise overlaps DeepSpeed's writes), from the trainer's log.
+
     python benchmarks/step_time.py prepare --data DIR            # CPU, this tree: tokenizer, shards, SFT data
     python benchmarks/step_time.py run --data DIR --code before=OLD --code after=NEW --repeat 2
 """
@@ -43,6 +48,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 PEAK_FLOPS = 989e12
+# Checkpointer.save's log line: seconds, files, GB, and this rank's wait for the digests.
+SAVED = r"saved in ([\d.]+) s: (\d+) files, ([\d.]+) GB; this rank waited ([\d.]+) s"
 SHARED_DATA = REPO.parent / "shared" / "data"
 PRETRAIN_SOURCES = {"wikipedia": "wikipedia_ja_leads", "web": "fineweb2_ja_web"}
 
@@ -124,7 +131,8 @@ def row_config(task: str, args: argparse.Namespace, paths: dict, root: Path, mod
     common = {
         "run": {"root": str(root), "name": "bench"},
         "engine": engine,
-        "checkpoint": {"interval": 100_000},  # only the final one, which the driver never waits for
+        # By default only the final one, which the driver never waits for.
+        "checkpoint": {"interval": args.checkpoint_interval or 100_000, "keep_last": 1},
         "monitor": {"log_interval": args.log_interval},
     }
     if task == "pretrain":
@@ -224,8 +232,10 @@ def run_row(task: str, code: Path, args: argparse.Namespace, paths: dict, root: 
     seconds = arrivals[total][0] - arrivals[args.warmup_steps][0]
     tokens = sum(arrivals[s][1] for s in range(args.warmup_steps + 1, total + 1))
     peaks = [float(m) for m in re.findall(r"max allocated ([\d.]+) GiB", text)]
+    saves = [tuple(map(float, found)) for found in re.findall(SAVED, text)]
     return {"step_s": statistics.median(intervals), "intervals": intervals,
-            "tokens_per_s": tokens / seconds, "peak_gib": max(peaks, default=None)}  # fmt: skip
+            "tokens_per_s": tokens / seconds, "peak_gib": max(peaks, default=None),
+            "saves": saves}  # fmt: skip
 
 
 # ---- the driver ----
@@ -284,6 +294,19 @@ def run(args: argparse.Namespace) -> int:
             f"| {row['task']} | {row['code']} | {row['repeat']} | {row['step_s']:.4f} | "
             f"{row['tokens_per_s']:,.0f} | {100 * mfu:.1f}% | {peak} | {row['wall_s']:.0f} |"
         )
+    saved = [row for row in rows if row["saves"]]
+    if saved:
+        print("\nCheckpoints written inside the timed steps (from the trainer's log):")
+        print("| task | code | repeat | checkpoints | GB each | files | save s (median) | "
+              "of which waiting for digests s |")  # fmt: skip
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        for row in saved:
+            seconds, files, gigabytes, waited = zip(*row["saves"], strict=True)
+            print(
+                f"| {row['task']} | {row['code']} | {row['repeat']} | {len(seconds)} | "
+                f"{gigabytes[-1]:.2f} | {files[-1]:.0f} | {statistics.median(seconds):.2f} | "
+                f"{statistics.median(waited):.2f} |"
+            )
     for row in failed:
         print(f"FAILED {row['task']} {row['code']} {row['repeat']}: {row['error']}",
               file=sys.stderr)  # fmt: skip
@@ -326,6 +349,8 @@ def main() -> None:
     rows.add_argument("--log-interval", type=int, default=10)
     rows.add_argument("--warmup-steps", type=int, default=10)
     rows.add_argument("--timed-steps", type=int, default=30)
+    rows.add_argument("--checkpoint-interval", type=int, default=None,
+                      help="save every N steps (keep_last 1) and report each save's time")  # fmt: skip
     rows.add_argument("--row-timeout", type=float, default=600.0, help="seconds per row")
     args = parser.parse_args()
     if args.command == "prepare":

@@ -261,7 +261,7 @@ def damaged_copy(pretrain_run: Path, tmp_path: Path) -> tuple[Path, Path]:
     [
         (2, "truncate_optimizer", "bytes, but"),
         (2, "truncate_unrecorded", "unreadable (PytorchStreamReader failed reading zip archive"),
-        (2, "flip_bytes", "its SHA-256 differs from the one recorded when the checkpoint was"),
+        (2, "flip_bytes", "its XXH3-128 digest differs from the one recorded when the checkpoint"),
         (2, "planted_pickle", "pickles posix.mkdir, which kinoe never unpickles"),
         (3, "missing_optimizer", "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing"),
         (3, "missing_model_states", "zero_pp_rank_1_mp_rank_00_model_states.pt is missing"),

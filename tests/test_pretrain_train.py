@@ -245,7 +245,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(shards, tmp_pat
 
     resumed = launch(config, 2, "drills.crash_in_checkpoint_at_step=null")
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert f"step_00000010/{shard}: its SHA-256 differs" in resumed.stdout
+    assert f"step_00000010/{shard}: its XXH3-128 digest differs" in resumed.stdout
     assert "resuming from step_00000005, the newest intact checkpoint" in resumed.stdout
     assert "resumed from" in resumed.stdout and "step_00000005" in resumed.stdout
     assert [record["step"] for record in metrics(config)] == list(range(1, 21))
@@ -256,7 +256,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(shards, tmp_pat
     world = World(rank=0, local_rank=0, size=1, device=torch.device("cpu"))
     logger = logging.getLogger("test")
     asked = Checkpointer(checkpoints, CheckpointConfig(resume=20), world, logger)
-    with pytest.raises(KinoeError, match=r"step_00000020/mp_rank_00_model_states.pt: its SHA-256"):
+    with pytest.raises(KinoeError, match=r"step_00000020/mp_rank_00_model_states.pt: its XXH3-128"):
         asked.step_to_resume()
     latest = Checkpointer(checkpoints, CheckpointConfig(resume="latest"), world, logger)
     assert latest.step_to_resume() == 15

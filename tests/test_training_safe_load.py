@@ -13,9 +13,10 @@ import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from common.errors import KinoeError
+from common.manifest import sha256_file
 from finetune.reference import REFERENCE_FILE, reference_logps
 from training import safe_load
-from training.digests import DigestingCheckpointEngine, damage, record_digest
+from training.digests import DigestingCheckpointEngine, damage, file_digest, record_digest
 from training.world import World
 
 
@@ -77,11 +78,38 @@ def test_saved_files_are_digested_and_damage_named(tmp_path):
     data[len(data) // 2] ^= 0xFF
     (tmp_path / "model.pt").write_bytes(data)
     assert damage(tmp_path, recorded) == (
-        f"{tmp_path / 'model.pt'}: its SHA-256 differs from the one recorded when the checkpoint "
-        "was written"
+        f"{tmp_path / 'model.pt'}: its XXH3-128 digest differs from the one recorded when the "
+        "checkpoint was written"
     )
     torch.save({}, tmp_path / "extra.pt")
     assert "extra.pt: not among the files recorded" in damage(tmp_path, recorded)
+
+
+@pytest.mark.parametrize("zip_format", [False, True])
+def test_the_digest_taken_while_writing_is_the_file_on_disk(tmp_path, zip_format):
+    """Both of torch's formats (DeepSpeed picks one by config), tensors of several sizes."""
+    engine = DigestingCheckpointEngine(TorchCheckpointEngine())
+    engine.inner.zipfile_serialization = zip_format
+    state = {
+        "big": torch.randn(600_000),
+        "small": torch.arange(7),
+        "bf16": [torch.ones(5).bfloat16()],
+    }
+    engine.save(state, str(tmp_path / "optim.pt"))
+    recorded = engine.written(tmp_path)["optim.pt"]
+    assert recorded == file_digest(tmp_path / "optim.pt")
+    assert torch.equal(engine.load(str(tmp_path / "optim.pt"))["big"], state["big"])
+
+
+def test_checkpoints_recorded_with_sha256_are_still_verified(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"weight": torch.arange(100.0)}, path)
+    recorded = {"model.pt": {"bytes": path.stat().st_size, "sha256": sha256_file(path)}}
+    assert damage(tmp_path, recorded) is None
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x01
+    path.write_bytes(data)
+    assert "model.pt: its SHA-256 digest differs" in damage(tmp_path, recorded)
 
 
 def test_dpo_reference_file_is_verified_before_use(tmp_path):
@@ -95,7 +123,9 @@ def test_dpo_reference_file_is_verified_before_use(tmp_path):
     assert stored.shape == (3, 2)
 
     torch.save(torch.ones(3, 2, dtype=torch.float64), path)  # replaced after it was recorded
-    with pytest.raises(KinoeError, match=r"reference_logps.pt: its SHA-256 differs.*restore the"):
+    with pytest.raises(
+        KinoeError, match=r"reference_logps.pt: its XXH3-128 digest differs.*restore the"
+    ):
         reference_logps(None, units, None, world, tmp_path, 10, logger)
 
     torch.save(CodePayload(tmp_path / "ran"), path)  # planted, its digest rewritten to match

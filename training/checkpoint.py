@@ -29,6 +29,7 @@ import os
 import pickle
 import re
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -232,6 +233,7 @@ class Checkpointer:
         ``while_writing(step)`` runs after this rank's shards are written and before the
         checkpoint is marked complete: the moment a crash drill kills the run.
         """
+        started = time.perf_counter()
         tag = tag_for(state.step)
         target = self.directory / tag
         if self.world.is_main:
@@ -251,15 +253,25 @@ class Checkpointer:
             engine.expert_optimizer.save(target, files)
         if while_writing is not None:
             while_writing(state.step)
-        digests = gather(files.written(target), self.world.control)
+        written = files.written(target)
+        waited = files.waited_s
+        digests = gather(written, self.world.control)
         self._barrier()
         if self.world.is_main:
-            written = asdict(replace(state, files=digests))
-            _write_atomically(target / STATE_FILE, json.dumps(written, indent=2) + "\n")
+            record = asdict(replace(state, files=digests))
+            _write_atomically(target / STATE_FILE, json.dumps(record, indent=2) + "\n")
             _write_atomically(self.directory / LATEST, tag + "\n")
             self._prune(state.step)
         self._barrier()
-        self.logger.info("checkpoint %s saved", target)
+        self.logger.info(
+            "checkpoint %s saved in %.2f s: %d files, %.2f GB; this rank waited %.2f s for "
+            "digests after its last write",
+            target,
+            time.perf_counter() - started,
+            len(digests),
+            sum(entry["bytes"] for entry in digests.values()) / 1e9,
+            waited,
+        )
         return target
 
     def _prune(self, newest: int) -> None:
