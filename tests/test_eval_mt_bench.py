@@ -47,6 +47,12 @@ def questions(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def question_records(questions) -> list[dict]:
+    """The questions file's records: writing, reasoning, extraction."""
+    return read_jsonl(questions)[0]
+
+
+@pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     tokenizer_dir, _ = build_tokenizer(tmp_path_factory.mktemp("mt_tokenizer"))
     return save(mistral(), tokenizer_dir, tmp_path_factory.mktemp("mt_model"))
@@ -77,7 +83,7 @@ class Judge:
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
-        self.failures_first = [500, 429]  # the first requests fail once each, then succeed
+        self.failures_first: list[int] = []  # the first requests fail once each, then succeed
         self.redirects: list[tuple[int, str]] = []  # the first requests get (status, Location)
         self.stalls: list[float] = []  # the first requests wait this long before answering
         self.always_fail: list[str] = []  # user prompts containing these get HTTP 500
@@ -195,7 +201,7 @@ def test_scores_are_read_as_fastchat_reads_them():
 
 
 def test_answers_use_the_chat_template_and_resume_after_a_crash(
-    model_dir, questions, tmp_path, monkeypatch
+    model_dir, questions, question_records, tmp_path, monkeypatch
 ):
     import eval.generate
 
@@ -240,7 +246,7 @@ def test_answers_use_the_chat_template_and_resume_after_a_crash(
     answers, malformed = read_jsonl(answers_path)
     assert malformed == 0 and answers[0] == first[0]
     assert sorted(a["question_id"] for a in answers) == sorted(
-        q["question_id"] for q in read_jsonl(questions)[0]
+        q["question_id"] for q in question_records
     )
     by_category = {a["category"]: a for a in answers}
     assert by_category["writing"]["decoding"]["do_sample"] is True
@@ -252,9 +258,10 @@ def test_answers_use_the_chat_template_and_resume_after_a_crash(
 
 
 def test_mt_bench_command_answers_then_judges_with_retries(
-    kinoe, model_dir, questions, judge, tmp_path
+    kinoe, model_dir, questions, question_records, judge, tmp_path
 ):
-    judge.malformed = [read_jsonl(questions)[0][2]["turns"][0]]  # extraction, turn 1
+    judge.failures_first = [500, 429]  # the two retries the report counts
+    judge.malformed = [question_records[2]["turns"][0]]  # extraction, turn 1
     result = kinoe(
         "eval", "mt-bench", f"model={model_dir}", "device=cpu", "dtype=float32",
         f"mt_bench.questions={questions}", "mt_bench.max_new_tokens=4",
@@ -330,7 +337,7 @@ def test_mt_bench_command_answers_then_judges_with_retries(
 
 
 def test_samples_are_seeded_apart_and_an_old_answers_file_is_extended(
-    model_dir, questions, tmp_path
+    model_dir, questions, question_records, tmp_path
 ):
     greedy = config_for(tmp_path / "greedy", questions, model_dir, **{"mt_bench.samples": 2})
     with pytest.raises(
@@ -344,39 +351,41 @@ def test_samples_are_seeded_apart_and_an_old_answers_file_is_extended(
         tmp_path, questions, model_dir, batch_size=2,
         **{"mt_bench.samples": 2, "mt_bench.temperatures": "{}"},
     )  # fmt: skip
-    records, _ = read_jsonl(questions)
     answers_path = step_dir(config, "mt-bench") / ANSWERS
     answers_path.parent.mkdir(parents=True)
-    write_answers(answers_path, records[:1], ["前の回答。", "前の二つ目。"])  # no sample: sample 0
+    # An answer written before samples existed: no "sample", so sample 0.
+    write_answers(answers_path, question_records[:1], ["前の回答。", "前の二つ目。"])
     result = run_stage(STEPS["mt-bench"], config)
     summary = result.manifest.summary
     assert (summary["answered_before"], summary["answered_now"], summary["samples"]) == (1, 5, 2)
     answers, _ = read_jsonl(answers_path)
     assert "sample" not in answers[0]  # the old record is kept as it was
     made = {(a["question_id"], a["sample"]): a for a in answers[1:]}
-    every = {(q["question_id"], k) for q in records for k in (0, 1)}
-    assert set(made) == every - {(records[0]["question_id"], 0)}
+    every = {(q["question_id"], k) for q in question_records for k in (0, 1)}
+    assert set(made) == every - {(question_records[0]["question_id"], 0)}
     assert {a["decoding"]["seed"] for a in made.values() if a["sample"] == 0} == {42}
     assert {a["decoding"]["seed"] for a in made.values() if a["sample"] == 1} == {1042}
     texts = {key: a["choices"][0]["turns"] for key, a in made.items()}
-    assert any(texts[q["question_id"], 0] != texts[q["question_id"], 1] for q in records[1:])
+    assert any(
+        texts[q["question_id"], 0] != texts[q["question_id"], 1] for q in question_records[1:]
+    )
 
 
-def test_judging_resumes_after_the_endpoint_fails(questions, judge, tmp_path, caplog):
-    records, _ = read_jsonl(questions)
+def test_judging_resumes_after_the_endpoint_fails(
+    questions, question_records, judge, tmp_path, caplog
+):
     # Two samples of the first two questions (the third has none): sample 0 written before
     # samples existed (no "sample" key), sample 1 scored 4 where sample 0 is scored 8.
     answers = write_answers(
-        tmp_path / "external_answers.jsonl", records[:2], ["はい。", "いいえ。"]
+        tmp_path / "external_answers.jsonl", question_records[:2], ["はい。", "いいえ。"]
     )
-    write_answers(answers, records[:2], ["たぶん。", "いいえ。"], sample=1)
+    write_answers(answers, question_records[:2], ["たぶん。", "いいえ。"], sample=1)
     judge.scores = {"たぶん。": "4"}
     config = config_for(
         tmp_path, questions, **{"judge.answers": answers, "judge_endpoint.base_url": judge.base_url,
         "judge_endpoint.max_retries": 1, "judge.turns": "[1]", "mt_bench.samples": 2},
     )  # fmt: skip
-    judge.failures_first = []
-    judge.always_fail = [records[1]["turns"][0]]
+    judge.always_fail = [question_records[1]["turns"][0]]
     with pytest.raises(
         KinoeError, match=r"^2 judgments failed .*HTTP 500.*run the same command again"
     ) as error:
@@ -388,8 +397,8 @@ def test_judging_resumes_after_the_endpoint_fails(questions, judge, tmp_path, ca
     judgments_path = step_dir(config, "judge") / JUDGMENTS
     first, _ = read_jsonl(judgments_path)
     assert sorted((j["question_id"], j["sample"]) for j in first) == [
-        (records[0]["question_id"], 0),
-        (records[0]["question_id"], 1),
+        (question_records[0]["question_id"], 0),
+        (question_records[0]["question_id"], 1),
     ]
     asked = len(judge.requests)
     assert asked == 6  # two successes, two failures retried once each
@@ -412,7 +421,7 @@ def test_judging_resumes_after_the_endpoint_fails(questions, judge, tmp_path, ca
     assert summary["overall"]["samples"] == 2
     judgments, _ = read_jsonl(judgments_path)
     assert sorted((j["question_id"], j.get("sample", 0)) for j in judgments) == sorted(
-        (q["question_id"], k) for q in records[:2] for k in (0, 1)
+        (q["question_id"], k) for q in question_records[:2] for k in (0, 1)
     )
 
     with pytest.raises(KinoeError, match=r"judge_endpoint.base_url is not set"):
@@ -421,13 +430,15 @@ def test_judging_resumes_after_the_endpoint_fails(questions, judge, tmp_path, ca
         )
 
 
-def test_the_key_goes_only_to_the_endpoint_origin(questions, judge, tmp_path, monkeypatch):
+def test_the_key_goes_only_to_the_endpoint_origin(
+    questions, question_records, judge, tmp_path, monkeypatch
+):
     monkeypatch.setenv(KEY_ENV, KEY)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    records, _ = read_jsonl(questions)
-    answers = write_answers(tmp_path / "answers.jsonl", records[:1], ["はい。", "いいえ。"])
+    answers = write_answers(
+        tmp_path / "answers.jsonl", question_records[:1], ["はい。", "いいえ。"]
+    )
     values = {"judge.answers": answers, "judge.turns": "[1]", "judge_endpoint.max_retries": 1}
-    judge.failures_first = []
 
     # The same origin: followed (307 keeps the POST), the key still sent. A stalled reply times out
     # and is retried.
@@ -611,20 +622,18 @@ MT_BENCH_MATRIX = {
 
 
 @pytest.mark.parametrize("case", list(MT_BENCH_MATRIX))
-def test_bad_input_to_eval_judge(case, questions, judge, tmp_path, kinoe):
+def test_bad_input_to_eval_judge(case, questions, question_records, judge, tmp_path, kinoe):
     which, contents, expected = MT_BENCH_MATRIX[case]
-    records, _ = read_jsonl(questions)
     good = {
         "questions": questions.read_bytes(),
         "references": (MT_BENCH / "gpt-4.jsonl").read_bytes(),
-        "answers": good_answers(records),
+        "answers": good_answers(question_records),
     }
     paths = {name: tmp_path / f"{name}.jsonl" for name in good}
     for name, path in paths.items():
         data = contents(good[name]) if name == which else good[name]
         if data is not None:
             path.write_bytes(data)
-    judge.failures_first = []
     outcome = kinoe(
         "eval", "judge", "run.name=mt", f"mt_bench.questions={paths['questions']}",
         f"judge.prompts={MT_BENCH / 'judge_ja_prompts.jsonl'}",
@@ -645,4 +654,4 @@ def test_bad_input_to_eval_judge(case, questions, judge, tmp_path, kinoe):
     warning = f"{left_out} lines of {paths['answers']} are not answers and are left out, the first"
     assert warning in outcome.stderr and first in outcome.stderr
     # Every good answer was judged: both turns of each question.
-    assert summary["answers_missing"] == 0 and summary["judgments"] == 2 * len(records)
+    assert summary["answers_missing"] == 0 and summary["judgments"] == 2 * len(question_records)

@@ -86,6 +86,12 @@ def trained(documents, tmp_path_factory) -> TokenizerConfig:
     return config
 
 
+@pytest.fixture(scope="module")
+def processor(trained) -> spm.SentencePieceProcessor:
+    """The trained tokenizer's SentencePiece model."""
+    return spm.SentencePieceProcessor(model_file=str(model_path(trained)))
+
+
 def held_out(config: TokenizerConfig) -> list[dict]:
     with (step_dir(config, "train") / "held_out.jsonl").open() as handle:
         return [json.loads(line) for line in handle]
@@ -146,19 +152,17 @@ def test_sample_follows_the_weights(trained):
     assert set(stats["shortfalls"]) == {"wikipedia", "web"}
 
 
-def test_every_special_and_chat_token_is_one_piece(trained):
-    processor = spm.SentencePieceProcessor(model_file=str(model_path(trained)))
+def test_every_special_and_chat_token_is_one_piece(processor):
     assert processor.get_piece_size() == 16_000
     assert [processor.id_to_piece(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<pad>"]
     for token in ("\n", *CHAT_TOKENS):
         assert len(processor.encode(token)) == 1, token
 
 
-def test_hf_directory_loads_and_matches_sentencepiece(trained):
+def test_hf_directory_loads_and_matches_sentencepiece(trained, processor):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(hf_path(trained))
-    processor = spm.SentencePieceProcessor(model_file=str(model_path(trained)))
     assert tokenizer.is_fast and (
         tokenizer.bos_token_id,
         tokenizer.eos_token_id,
@@ -174,8 +178,7 @@ def test_hf_directory_loads_and_matches_sentencepiece(trained):
     assert rendered == "<|im_start|>user\n日本の首都は？<|im_end|>\n<|im_start|>assistant\n"
 
 
-def test_shards_round_trip_to_the_documents(trained, documents):
-    processor = spm.SentencePieceProcessor(model_file=str(model_path(trained)))
+def test_shards_round_trip_to_the_documents(trained, processor, documents):
     sha = tokenizer_sha256(model_path(trained))
     for source in ("wikipedia", "web", "aozora"):
         datasets = open_shard_set(shards_path(trained) / source, sha)
@@ -307,6 +310,27 @@ def jsonl(records: list) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
 
 
+def write_documents(tmp_path: Path, files: dict[str, bytes]) -> Path:
+    """``tmp_path/documents`` holding ``files`` (name -> bytes)."""
+    documents = tmp_path / "documents"
+    documents.mkdir()
+    for name, data in files.items():
+        (documents / name).write_bytes(data)
+    return documents
+
+
+def refused(outcome, expected: tuple[int, str] | dict) -> bool:
+    """True when ``expected`` is (exit code, the error's words) and the command ended so, in one
+    error line; False when the command succeeded, without one."""
+    if isinstance(expected, tuple):
+        code, words = expected
+        assert outcome.returncode == code and len(error_lines(outcome)) == 1, outcome.stderr
+        assert words in error_lines(outcome)[0], error_lines(outcome)[0]
+        return True
+    assert outcome.returncode == 0 and not error_lines(outcome), outcome.stderr
+    return False
+
+
 def with_bad_lines(leads: list[dict], *bad: bytes) -> dict[str, bytes]:
     """The good file with ``bad`` lines in its middle."""
     good = jsonl(leads).splitlines(keepends=True)
@@ -397,10 +421,7 @@ TOKENIZER_MATRIX = {
 @pytest.mark.parametrize("case", list(TOKENIZER_MATRIX))
 def test_bad_input_to_tokenizer_train(case, leads, tmp_path, kinoe):
     files, sample_changes, expected = TOKENIZER_MATRIX[case]
-    documents = tmp_path / "documents"
-    documents.mkdir()
-    for name, data in files(leads).items():
-        (documents / name).write_bytes(data)
+    documents = write_documents(tmp_path, files(leads))
     sample = {
         "documents": str(documents),
         "weights": {"wikipedia": 1.0, "other": 1.0},
@@ -422,12 +443,8 @@ def test_bad_input_to_tokenizer_train(case, leads, tmp_path, kinoe):
     )
     outcome = kinoe("tokenizer", "train", "-c", config)
     manifest = read_manifest(tmp_path / "runs" / "tokenizer" / "bad" / "train")
-    if isinstance(expected, tuple):
-        code, words = expected
-        assert outcome.returncode == code and len(error_lines(outcome)) == 1, outcome.stderr
-        assert words in error_lines(outcome)[0], error_lines(outcome)[0]
+    if refused(outcome, expected):
         return
-    assert outcome.returncode == 0 and not error_lines(outcome), outcome.stderr
     summary = manifest.summary["sample"]
     assert summary["rejected"] == expected
     for reason in expected:
@@ -501,10 +518,7 @@ def llm_jp() -> spm.SentencePieceProcessor:
 def test_bad_input_to_tokenizer_encode(case, leads, llm_jp, tmp_path, kinoe):
     build, encode_changes, expected = ENCODE_MATRIX[case]
     files = build(leads)
-    documents = tmp_path / "documents"
-    documents.mkdir()
-    for name, data in files.items():
-        (documents / name).write_bytes(data)
+    documents = write_documents(tmp_path, files)
     encode = {k: (str(tmp_path / v) if k == "documents" else v) for k, v in encode_changes.items()}
     config = tmp_path / "bad.yaml"
     config.write_text(
@@ -522,12 +536,8 @@ def test_bad_input_to_tokenizer_encode(case, leads, llm_jp, tmp_path, kinoe):
     train.mkdir(parents=True)
     shutil.copy(LLM_JP, train / "tokenizer.model")
     outcome = kinoe("tokenizer", "encode", "-c", config)
-    if isinstance(expected, tuple):
-        code, words = expected
-        assert outcome.returncode == code and len(error_lines(outcome)) == 1, outcome.stderr
-        assert words in error_lines(outcome)[0], error_lines(outcome)[0]
+    if refused(outcome, expected):
         return
-    assert outcome.returncode == 0 and not error_lines(outcome), outcome.stderr
     # Every good record is encoded, whole: documents and tokens as encoding each one gives.
     shards = train.parent / "encode" / "shards"
     others = readable_records({n: d for n, d in files.items() if n != "good.jsonl"})

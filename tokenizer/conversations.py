@@ -15,20 +15,17 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from collections import Counter
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import orjson
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.io import get_datafolder
-from datatrove.pipeline.readers.base import BaseDiskReader
 
 from common.errors import KinoeError
+from tokenizer.accounts import AccountedReader, read_accounts
 from tokenizer.chat import CHAT_TEMPLATE, CONVERSATION_SUFFIXES, NOT_JSON, rejection
-
-TASK_ACCOUNT = re.compile(r"^(\d+)\.json$")
 
 
 @functools.cache
@@ -57,11 +54,9 @@ def conversation_files(path: str | Path) -> tuple[str, list[str]]:
     return str(location), [name for name in names if name.endswith(CONVERSATION_SUFFIXES)]
 
 
-class ConversationReader(BaseDiskReader):
+class ConversationReader(AccountedReader):
     """Read one conversation source's JSONL(.gz) files, yield its valid conversations as documents.
 
-    The files are split across tasks (file ``i`` goes to task ``i % world_size``), as for any
-    datatrove reader; documents from the steps before pass through first, so readers chain.
     A document's text is the rendered conversation, its ``metadata["source"]`` the source name.
     """
 
@@ -69,36 +64,20 @@ class ConversationReader(BaseDiskReader):
 
     def __init__(self, path: str | Path, source: str, accounts_dir: str | Path):
         folder, files = conversation_files(path)
-        super().__init__(folder, add_file_path=False)
-        # Listed here, on the machine that builds the pipeline, so every task shards one list.
-        self.files = files
+        super().__init__(folder, files, Path(accounts_dir) / source, add_file_path=False)
         self.source = source
-        self.accounts_dir = str(accounts_dir)
 
-    def run(
-        self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1
-    ) -> DocumentsPipeline:
-        if data:
-            yield from data
-        shard = self.files[rank::world_size]
-        if not shard:
-            return
-        folder = Path(self.accounts_dir) / self.source
+    def start_task(self, rank: int) -> None:
+        folder = Path(self.accounts_dir)
         folder.mkdir(parents=True, exist_ok=True)
         self._rejected_path = folder / f"{rank:05d}.rejected.jsonl"
         self._rejected: IO[str] | None = None
         self._counts: Counter[str] = Counter()
-        try:
-            for document in self.read_files_shard(shard):
-                self._counts["encoded"] += 1
-                self.update_doc_stats(document)
-                yield document
-        except BaseException:
-            if self._rejected is not None:
-                self._rejected.close()
-                Path(f"{self._rejected_path}.tmp").unlink(missing_ok=True)
-            raise
-        self._finish(folder / f"{rank:05d}.json")
+
+    def abandon_task(self) -> None:
+        if self._rejected is not None:
+            self._rejected.close()
+            Path(f"{self._rejected_path}.tmp").unlink(missing_ok=True)
 
     def read_file(self, filepath: str) -> DocumentsPipeline:
         with self.data_folder.open(filepath, "rb", compression="infer") as handle:
@@ -138,8 +117,8 @@ class ConversationReader(BaseDiskReader):
         entry = {"reason": reason, "detail": detail, "file": filepath, "line": number, **what}
         self._rejected.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
-    def _finish(self, account_path: Path) -> None:
-        """Put this task's rejected lines and its account in place (a rerun overwrites both)."""
+    def finish_task(self, files: int, documents: int) -> dict[str, Any]:
+        """Put this task's rejected lines in place (a rerun overwrites them); its account."""
         if self._rejected is not None:
             self._rejected.close()
             Path(f"{self._rejected_path}.tmp").replace(self._rejected_path)
@@ -150,14 +129,7 @@ class ConversationReader(BaseDiskReader):
             for key, count in sorted(self._counts.items())
             if key.startswith("rejected.")
         }
-        account = {
-            "read": self._counts["read"],
-            "encoded": self._counts["encoded"],
-            "rejected": rejected,
-        }
-        temporary = account_path.with_name(f".{account_path.name}.tmp")
-        temporary.write_text(json.dumps(account) + "\n")
-        temporary.replace(account_path)
+        return {"read": self._counts["read"], "encoded": documents, "rejected": rejected}
 
 
 def conversation_summary(
@@ -172,9 +144,7 @@ def conversation_summary(
     for source, path in chat.items():
         folder = Path(accounts_dir) / source
         total = {"read": 0, "encoded": 0, "rejected": Counter()}
-        accounts = folder.iterdir() if folder.is_dir() else ()
-        for account_path in sorted(p for p in accounts if TASK_ACCOUNT.match(p.name)):
-            account = json.loads(account_path.read_text(encoding="utf-8"))
+        for account in read_accounts(folder):
             total["read"] += account["read"]
             total["encoded"] += account["encoded"]
             total["rejected"].update(account["rejected"])

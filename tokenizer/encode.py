@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
-from datatrove.pipeline.readers.base import BaseDiskReader
 
 from common.errors import KinoeError
+from tokenizer.accounts import AccountedReader, read_accounts
 from tokenizer.config import RehydrateConfig
 from tokenizer.indexed import (
     IndexedDataset,
@@ -50,11 +50,9 @@ from tokenizer.sample import Rejections, document_files, read_documents
 
 # <rank>.json for a task's shard, <rank>.repeat<k>.json for its k-th repeats (rehydration).
 TASK_TALLY = re.compile(r"^(\d+)(?:\.repeat(\d+))?\.json$")
-# <rank>.json: what a task's DocumentReader read.
-TASK_ACCOUNT = re.compile(r"^\d+\.json$")
 
 
-class DocumentReader(BaseDiskReader):
+class DocumentReader(AccountedReader):
     """Read data_prep documents (JSONL, JSONL.gz, Parquet) under a folder, counting bad records.
 
     Not datatrove's JsonlReader: that one drops the rest of a file after a byte that is not UTF-8
@@ -69,40 +67,23 @@ class DocumentReader(BaseDiskReader):
 
     def __init__(self, folder: str | Path, accounts_dir: str | Path, setting: str):
         files = document_files(Path(folder), setting)
-        super().__init__(str(folder))
+        # Sorted as path strings, as datatrove lists them.
+        names = sorted(path.relative_to(Path(folder)).as_posix() for path in files)
+        super().__init__(str(folder), names, accounts_dir)
         self.folder = Path(folder)
-        # Listed here, on the machine that builds the pipeline, so every task shards one list;
-        # sorted as path strings, as datatrove lists them.
-        self.files = sorted(path.relative_to(self.folder).as_posix() for path in files)
-        self.accounts_dir = str(accounts_dir)
 
-    def run(
-        self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1
-    ) -> DocumentsPipeline:
-        if data:
-            yield from data
-        shard = self.files[rank::world_size]
-        if not shard:
-            return
+    def start_task(self, rank: int) -> None:
         self._rejections = Rejections()
-        documents = 0
-        for document in self.read_files_shard(shard):
-            documents += 1
-            self.update_doc_stats(document)
-            yield document
+
+    def finish_task(self, files: int, documents: int) -> dict[str, Any]:
         for reason, count in self._rejections.rejected.items():
             self.stat_update(f"rejected_{reason}", value=count)
-        account = {
-            "files": len(shard),
+        return {
+            "files": files,
             "documents": documents,
             "rejected": self._rejections.rejected,
             "first_rejected": self._rejections.first_rejected,
         }
-        account_path = Path(self.accounts_dir) / f"{rank:05d}.json"
-        account_path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = account_path.with_name(f".{account_path.name}.tmp")
-        temporary.write_text(json.dumps(account, ensure_ascii=False) + "\n")
-        temporary.replace(account_path)
 
     def read_file(self, filepath: str) -> DocumentsPipeline:
         records = read_documents(self.folder / filepath, self._rejections, parquet_columns=None)
@@ -116,10 +97,7 @@ def read_summary(accounts_dir: Path) -> dict[str, Any]:
     """Files and documents the tasks' DocumentReaders read, and the records they left out by
     reason with the first of each (the lowest task's)."""
     total: dict[str, Any] = {"files": 0, "documents": 0, "rejected": {}, "first_rejected": {}}
-    folder = Path(accounts_dir)
-    accounts = folder.iterdir() if folder.is_dir() else ()
-    for path in sorted(p for p in accounts if TASK_ACCOUNT.match(p.name)):
-        account = json.loads(path.read_text(encoding="utf-8"))
+    for account in read_accounts(accounts_dir):
         total["files"] += account["files"]
         total["documents"] += account["documents"]
         for reason, count in account["rejected"].items():
