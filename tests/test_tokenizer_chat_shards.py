@@ -330,6 +330,29 @@ def test_a_clash_found_after_encoding_and_a_source_with_nothing_valid_fail(
         run_stage(STEPS["encode"], config)
 
 
+def test_a_truncated_gz_keeps_the_conversations_before_the_damage(trained, corpus, tmp_path):
+    lines = corpus["single"].read_text("utf-8").splitlines(keepends=True)
+    whole = gzip.compress("".join(lines).encode("utf-8"))
+    folder = tmp_path / "chat"
+    folder.mkdir()
+    (folder / "a-truncated.jsonl.gz").write_bytes(whole[: len(whole) * 2 // 3])
+    (folder / "b-whole.jsonl").write_text("".join(lines[:5]), "utf-8")
+    config = encode_again(trained, "truncated", corpus["documents"], {"instructions": folder})
+    assert run_stage(STEPS["encode"], config).status == "complete"
+    counts = read_manifest(step_dir(config, "encode")).summary["conversations"]["instructions"]
+    assert counts["rejected"] == {"corrupt_file": 1}
+    assert 5 < counts["encoded"] < len(lines) + 5 and counts["read"] == counts["encoded"] + 1
+    (entry,) = [
+        json.loads(line)
+        for path in (step_dir(config, "encode") / "conversations" / "instructions").glob(
+            "*.rejected.jsonl"
+        )
+        for line in path.read_text("utf-8").splitlines()
+    ]
+    assert entry["file"] == "a-truncated.jsonl.gz" and entry["line"] == counts["encoded"] - 4
+    assert "end-of-stream" in entry["detail"] or "Compressed file ended" in entry["detail"]
+
+
 @pytest.mark.parametrize("name", ["Instructions", "chat/sft", ".hidden", ""])
 def test_chat_source_names_must_name_a_shard_directory(tmp_path, name):
     path = tmp_path / "t.yaml"

@@ -38,6 +38,8 @@ CONVERSATION_SUFFIXES = (".jsonl", ".jsonl.gz")
 
 # Why a line is not encoded; one reason per line, the first problem found.
 NOT_JSON = "not_json"
+# A truncated or corrupt .gz: counted once for the rest of the file, as documents count it.
+CORRUPT_FILE = "corrupt_file"
 NO_MESSAGES = "no_messages"
 BAD_MESSAGE = "bad_message"
 BAD_ROLE = "bad_role"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import IO, Any
@@ -25,7 +26,13 @@ from datatrove.io import get_datafolder
 
 from common.errors import KinoeError
 from tokenizer.accounts import AccountedReader, read_accounts
-from tokenizer.chat import CHAT_TEMPLATE, CONVERSATION_SUFFIXES, NOT_JSON, rejection
+from tokenizer.chat import (
+    CHAT_TEMPLATE,
+    CONVERSATION_SUFFIXES,
+    CORRUPT_FILE,
+    NOT_JSON,
+    rejection,
+)
 
 
 @functools.cache
@@ -80,14 +87,21 @@ class ConversationReader(AccountedReader):
             Path(f"{self._rejected_path}.tmp").unlink(missing_ok=True)
 
     def read_file(self, filepath: str) -> DocumentsPipeline:
-        with self.data_folder.open(filepath, "rb", compression="infer") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                with self.track_time():
-                    document = self._conversation(line, filepath, number)
-                if document is not None:
-                    yield document
+        number = 0
+        try:
+            with self.data_folder.open(filepath, "rb", compression="infer") as handle:
+                for number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    with self.track_time():
+                        document = self._conversation(line, filepath, number)
+                    if document is not None:
+                        yield document
+        except (OSError, EOFError, zlib.error) as error:
+            # A truncated or corrupt .gz: the conversations before the damage are kept, the
+            # rest of the file is one rejected line, and the other files are still read.
+            self._counts["read"] += 1
+            self._reject(CORRUPT_FILE, str(error), filepath, number + 1, {})
 
     def _conversation(self, line: bytes, filepath: str, number: int) -> Document | None:
         self._counts["read"] += 1
