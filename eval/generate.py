@@ -1,5 +1,8 @@
 """Batched generation: left-padded prompts, greedy by default, stopping at the model's end tokens.
 
+The leading tokens all prompts of a batch share (a task's few-shot header) run once and their
+cache serves every row (eval/prefix.py); the rests are left-padded after them.
+
 JGLUE generation is greedy with llm-jp-eval's per-dataset output length. MT-Bench samples with
 its category's temperature (FastChat's rule: 0 means greedy), seeded once per batch, with
 transformers' default top-k of 50 and top-p of 1 as FastChat's generate call got them.
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from eval.model import Batcher, LoadedModel, truncate_left
+from eval.prefix import layout, prefix_cache
 
 
 @dataclass(frozen=True)
@@ -54,12 +58,11 @@ def generate_batch(
     """One batch: the text generated after each prompt, special tokens removed."""
     from transformers import GenerationConfig
 
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), loaded.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        mask[row, width - len(prompt) :] = 1
+    batch = layout(prompts, loaded.pad_id, loaded.full_attention)
+    # The prefix's ids lead every row; generate runs only what its cache does not hold yet.
+    prefix = torch.tensor([batch.prefix], dtype=torch.long).expand(len(prompts), -1)
+    ids = torch.cat([prefix, batch.ids], dim=1)
+    width = ids.shape[1]
     settings = {
         "max_new_tokens": decoding.max_new_tokens,
         "do_sample": decoding.do_sample,
@@ -73,7 +76,8 @@ def generate_batch(
         torch.manual_seed(seed)
     output = loaded.model.generate(
         input_ids=ids.to(loaded.device),
-        attention_mask=mask.to(loaded.device),
+        attention_mask=batch.full_mask.to(loaded.device),
+        past_key_values=prefix_cache(loaded, batch),
         generation_config=GenerationConfig(**settings),
     )
     return loaded.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)

@@ -4,8 +4,9 @@ Each question's prompt goes through the model once, with its key/value cache kep
 is then repeated once per choice and only the choice tokens run on top of it. The alternative,
 one row per choice holding context and choice, recomputes the context for every choice: five
 times the work for JCommonsenseQA, whose prompts are hundreds of tokens and whose choices are a
-few. Prompts in a batch are left-padded with explicit positions, and the second pass attends to
-the padded cache through the same attention mask, so every choice sees exactly its context.
+few. The leading tokens every context of a batch shares (a task's few-shot header) run once
+(eval/prefix.py); the rests are left-padded with explicit positions, and the second pass
+attends to the cache through the same attention mask, so every choice sees exactly its context.
 
 Tokens: the context and each context+choice string are encoded whole. The choice's tokens are
 what follows the longest prefix that all of them share with the encoded context (normally the
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from eval.model import Batcher, LoadedModel, truncate_left
+from eval.model import Batcher, LoadedModel, common_prefix, truncate_left
+from eval.prefix import layout, prefix_cache
 
 
 @dataclass(frozen=True)
@@ -36,20 +38,11 @@ class ChoiceRequest:
         return len(self.context) + max(len(c) for c in self.continuations)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    size = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        size += 1
-    return size
-
-
 def build_request(loaded: LoadedModel, context: str, choices: Sequence[str]) -> ChoiceRequest:
     """Tokenize ``context`` and each choice after it; cut the context from the left to fit ``max_length``."""
     context_ids = loaded.encode(context)
     wholes = [loaded.encode(context + choice) for choice in choices]
-    shared = min(_common_prefix(context_ids, whole) for whole in wholes)
+    shared = min(common_prefix(context_ids, whole) for whole in wholes)
     continuations = [whole[shared:] for whole in wholes]
     if shared == 0:
         # Nothing in common (no BOS, and the first token already differs): condition every
@@ -66,17 +59,13 @@ def build_request(loaded: LoadedModel, context: str, choices: Sequence[str]) -> 
 @torch.inference_mode()
 def _score_batch(loaded: LoadedModel, requests: Sequence[ChoiceRequest]) -> list[list[float]]:
     model, device, pad = loaded.model, loaded.device, loaded.pad_id
-    lengths = torch.tensor([len(r.context) for r in requests])
-    width = int(lengths.max())
-    ids = torch.full((len(requests), width), pad, dtype=torch.long)
-    for row, request in enumerate(requests):
-        ids[row, width - len(request.context) :] = torch.tensor(request.context)
-    mask = (torch.arange(width)[None, :] >= (width - lengths)[:, None]).long()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    batch = layout([r.context for r in requests], pad, loaded.full_attention)
+    lengths, mask = batch.lengths, batch.full_mask
     out = model(
-        input_ids=ids.to(device),
+        input_ids=batch.ids.to(device),
         attention_mask=mask.to(device),
-        position_ids=positions.to(device),
+        position_ids=batch.positions.to(device),
+        past_key_values=prefix_cache(loaded, batch),
         use_cache=True,
         logits_to_keep=1,
     )

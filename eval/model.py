@@ -47,6 +47,12 @@ class LoadedModel:
         return [_after_shared_prefix(before, after) for after in encoded]
 
     @property
+    def full_attention(self) -> bool:
+        """Whether every token attends to all before it within ``max_length`` (no shorter sliding window)."""
+        window = getattr(self.model.config, "sliding_window", None)
+        return window is None or window >= self.max_length
+
+    @property
     def bos_id(self) -> int | None:
         return self.tokenizer.bos_token_id
 
@@ -178,8 +184,15 @@ class Batcher:
         return results
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids ``a`` and ``b`` have in common."""
+    size = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        size += 1
+    return size
+
+
 def _after_shared_prefix(prefix: list[int], ids: list[int]) -> list[int]:
-    shared = 0
-    while shared < min(len(prefix), len(ids)) and prefix[shared] == ids[shared]:
-        shared += 1
-    return list(ids[shared:])
+    return list(ids[common_prefix(prefix, ids) :])

@@ -27,6 +27,7 @@ from eval.cli import STEPS, _shortcuts, step_dir
 from eval.config import EvalConfig
 from eval.data import JGLUE_FILES, download_jglue, llm_jp_eval_train_dev, load_task, subset
 from eval.loglik import build_request, score_choices
+from eval.prefix import layout
 from eval.metrics import (
     char_f1,
     choice_accuracy,
@@ -361,6 +362,66 @@ def test_shared_context_scores_equal_full_recomputation(tokenizer_dir):
         requests[0].context[-5:] + requests[0].continuations[1]
         == whole[-5 - len(requests[0].continuations[1]) :]
     )
+
+
+def few_shot_prompts(count: int, shots: int = 4) -> list[str]:
+    """JCommonsenseQA prompts under one 4-shot header, as the suite builds them."""
+    task = REGISTRY["jcommonsenseqa"]
+    data = load_task(task, "loglik", JGLUE, "test", shots, 42)
+    header = few_shot_header(task.loglik.instruction, data.shots)
+    return [prompt(header, sample) for sample in data.examples[:count]], data.examples[:count]
+
+
+@pytest.mark.parametrize("sliding_window", [None, 64])
+def test_a_shared_few_shot_header_runs_once_and_scores_as_recomputed(tokenizer_dir, sliding_window):
+    if not JGLUE.is_dir():
+        pytest.skip(f"{JGLUE} is absent")
+    model = mistral(sliding_window=sliding_window)
+    loaded = loaded_from(model, tokenizer_dir)
+    texts, examples = few_shot_prompts(6)
+    texts[4] = texts[4] + "補足" * 30  # a longer question: left padding after the header
+    requests = [
+        build_request(loaded, text, s.choices) for text, s in zip(texts, examples, strict=True)
+    ]
+    batch = layout([r.context for r in requests], loaded.pad_id, loaded.full_attention)
+    # A window shorter than max_length: every prompt whole (a windowed cache holds the window's
+    # last tokens only, not a prefix run on its own).
+    assert (batch.shared >= 200) == (sliding_window is None)
+    assert not any(r.truncated for r in requests)
+    calls = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kw: calls.append(kw["input_ids"].shape), with_kwargs=True
+    )
+    scores = score_choices(loaded, requests, Batcher(6, 6, LOGGER))
+    hook.remove()
+    # The header once (one row), then only the questions after it, then the choices.
+    if batch.shared:
+        assert calls[0] == (1, batch.shared)
+        assert calls[1][1] == batch.ids.shape[1] < batch.shared / 2
+    else:
+        assert calls[0][0] == len(requests)
+    for request, row in zip(requests, scores, strict=True):
+        expected = [full_recompute(model, request.context, c) for c in request.continuations]
+        assert row == pytest.approx(expected, abs=2e-4)
+
+
+def test_generation_after_a_shared_header_equals_generation_without(tokenizer_dir, monkeypatch):
+    from eval import prefix
+    from eval.generate import Decoding, generate, prompt_ids
+
+    if not JGLUE.is_dir():
+        pytest.skip(f"{JGLUE} is absent")
+    loaded = loaded_from(mistral(), tokenizer_dir)
+    texts, _ = few_shot_prompts(5)
+    texts[2] = texts[2] + "補足" * 30
+    prompts = [prompt_ids(loaded, text, 8)[0] for text in texts]
+    assert layout(prompts, loaded.pad_id).shared >= 200
+    decoding = Decoding(max_new_tokens=8)
+    shared = generate(loaded, prompts, decoding, Batcher(5, 5, LOGGER))
+    monkeypatch.setattr(prefix, "MIN_SHARED", 10**9)  # every prompt whole, as before sharing
+    assert layout(prompts, loaded.pad_id).shared == 0
+    assert shared == generate(loaded, prompts, decoding, Batcher(5, 5, LOGGER))
+    assert all(shared)
 
 
 def test_loglik_picks_the_choices_a_model_prefers(tokenizer_dir):
