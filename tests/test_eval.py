@@ -27,7 +27,6 @@ from eval.cli import STEPS, _shortcuts, step_dir
 from eval.config import EvalConfig
 from eval.data import JGLUE_FILES, download_jglue, llm_jp_eval_train_dev, load_task, subset
 from eval.loglik import build_request, score_choices
-from eval.prefix import layout
 from eval.metrics import (
     char_f1,
     choice_accuracy,
@@ -40,6 +39,7 @@ from eval.metrics import (
 )
 from eval.model import Batcher, LoadedModel, load_model
 from eval.placement import check_placement, inspect_placement
+from eval.prefix import layout
 from eval.tasks import REGISTRY
 from eval.tasks.base import few_shot_header, prompt
 from launch.cli import build_parser
