@@ -364,8 +364,8 @@ def test_shared_context_scores_equal_full_recomputation(tokenizer_dir):
     )
 
 
-def few_shot_prompts(count: int, shots: int = 4) -> list[str]:
-    """JCommonsenseQA prompts under one 4-shot header, as the suite builds them."""
+def few_shot_prompts(count: int, shots: int = 4) -> tuple[list[str], list]:
+    """The first ``count`` JCommonsenseQA prompts under one few-shot header, and their examples."""
     task = REGISTRY["jcommonsenseqa"]
     data = load_task(task, "loglik", JGLUE, "test", shots, 42)
     header = few_shot_header(task.loglik.instruction, data.shots)
