@@ -347,6 +347,19 @@ def _answer_text(answer: Any, key: str) -> str:
     return answer
 
 
+# rejected.jsonl keeps a rejected record whole up to this many characters of JSON, else its
+# start: a 50 MB record is not worth copying, and its origin says where the whole one is.
+KEPT_RECORD_CHARACTERS = 64 * 1024
+
+
+def _kept_record(record: Any) -> dict[str, Any]:
+    """What rejected.jsonl holds of ``record``: itself, or the start of its JSON and its size."""
+    text = json.dumps(record, ensure_ascii=False)
+    if len(text) <= KEPT_RECORD_CHARACTERS:
+        return {"record": record}
+    return {"record_start": text[:KEPT_RECORD_CHARACTERS], "record_characters": len(text)}
+
+
 def load_units(
     encoder: Encoder,
     paths: list[Path],
@@ -374,7 +387,7 @@ def load_units(
                         out = rejected_path.open("a", encoding="utf-8")
                     entry = {"origin": origin, "reason": problem.reason, "detail": str(problem)}
                     if not isinstance(record, Rejected):
-                        entry["record"] = record
+                        entry |= _kept_record(record)
                     out.write(json.dumps(entry, ensure_ascii=False) + "\n")
                 continue
             units.append(unit)

@@ -27,7 +27,7 @@ from eval.tasks import REGISTRY
 from eval.tasks.base import few_shot_header, prompt
 from finetune.cli import STEPS
 from finetune.config import FinetuneConfig
-from finetune.examples import Encoder, load_units
+from finetune.examples import KEPT_RECORD_CHARACTERS, Encoder, load_units
 from finetune.jaster import jaster_record
 from finetune.packing import IGNORE, collate, pack, rank_micro_batches, training_plan
 from tokenizer.chat import TURN_END
@@ -668,6 +668,12 @@ def test_bad_input_to_finetune_sft(case, small_model_dir, tmp_path, kinoe):
     assert [json.loads(line)["reason"] for line in set_aside] == [
         r for r, n in rejected.items() for _ in range(n)
     ]
+    # A huge record is set aside as its start and size, not copied whole.
+    assert all(len(line) < 2 * KEPT_RECORD_CHARACTERS for line in set_aside)
+    if case == "50 MB record":
+        entry = json.loads(set_aside[0])
+        assert entry["record_start"].startswith('{"prompt": "問問')
+        assert entry["record_characters"] > 17_000_000 and "record" not in entry
     # Every good record was kept: read = kept + rejected, and kept is every good example
     # (and, for the damaged .gz, the examples before the damage).
     if case == "truncated .gz":
