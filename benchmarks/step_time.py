@@ -22,6 +22,11 @@ window, and a second table gives each save's wall time, size, and how long the r
 the files' SHA-256 digests after its last write (the digests' share of the stall; the hashing
 otherwise overlaps DeepSpeed's writes), from the trainer's log.
 
+With ``--evaluation-interval N`` the pretraining rows evaluate while training
+(``monitor.evaluation``: bits per character of held-out text, JCommonsenseQA and JNLI by
+log-likelihood on 100 questions each) every N steps inside the timed window, and a third table
+gives each evaluation's seconds and its cost against N steps of training at the row's step time.
+
     python benchmarks/step_time.py prepare --data DIR            # CPU, this tree: tokenizer, shards, SFT data
     python benchmarks/step_time.py run --data DIR --code before=OLD --code after=NEW --repeat 2
 """
@@ -112,6 +117,7 @@ def data_paths(data: Path) -> dict:
     shards = shards_path(config)
     return {
         "tokenizer": model_path(config),
+        "held_out": model_path(config).parent / "held_out.jsonl",
         "hf_tokenizer": hf_path(config),
         "sources": {name: shards / name for name in PRETRAIN_SOURCES},
         "sft": data / "sft.jsonl",
@@ -128,12 +134,21 @@ def row_config(task: str, args: argparse.Namespace, paths: dict, root: Path, mod
         engine["expert_parallel"] = args.expert_parallel
     if getattr(args, "fp8", None):  # likewise
         engine["fp8"] = args.fp8
+    monitor: dict = {"log_interval": args.log_interval}
+    if getattr(args, "evaluation_interval", None):  # only then: older trees lack the section
+        monitor["evaluation"] = {
+            "interval": args.evaluation_interval,
+            "tokenizer": str(paths["hf_tokenizer"]),
+            "bpc_texts": [str(paths["held_out"])],
+            "tasks": ["jcommonsenseqa", "jnli"],
+            "jglue_dir": str(args.eval_data / "jglue"),
+        }
     common = {
         "run": {"root": str(root), "name": "bench"},
         "engine": engine,
         # By default only the final one, which the driver never waits for.
         "checkpoint": {"interval": args.checkpoint_interval or 100_000, "keep_last": 1},
-        "monitor": {"log_interval": args.log_interval},
+        "monitor": monitor,
     }
     if task == "pretrain":
         seed = {"seed": args.seed} if getattr(args, "seed", None) is not None else {}
@@ -233,9 +248,12 @@ def run_row(task: str, code: Path, args: argparse.Namespace, paths: dict, root: 
     tokens = sum(arrivals[s][1] for s in range(args.warmup_steps + 1, total + 1))
     peaks = [float(m) for m in re.findall(r"max allocated ([\d.]+) GiB", text)]
     saves = [tuple(map(float, found)) for found in re.findall(SAVED, text)]
+    evaluations = root / "pretrain" / "bench" / "evaluation.jsonl"
+    evaluated = [json.loads(line) for line in evaluations.read_text().splitlines()
+                 if line.strip()] if evaluations.is_file() else []  # fmt: skip
     return {"step_s": statistics.median(intervals), "intervals": intervals,
             "tokens_per_s": tokens / seconds, "peak_gib": max(peaks, default=None),
-            "saves": saves}  # fmt: skip
+            "saves": saves, "evaluation_s": [e["eval/seconds"] for e in evaluated]}  # fmt: skip
 
 
 # ---- the driver ----
@@ -307,6 +325,22 @@ def run(args: argparse.Namespace) -> int:
                 f"{gigabytes[-1]:.2f} | {files[-1]:.0f} | {statistics.median(seconds):.2f} | "
                 f"{statistics.median(waited):.2f} |"
             )
+    evaluated = [row for row in rows if row.get("evaluation_s")]
+    if evaluated:
+        interval = args.evaluation_interval
+        print(f"\nEvaluation while training (monitor.evaluation every {interval} steps: bits per"
+              " character of 50 held-out documents, JCommonsenseQA and JNLI log-likelihood on 100"
+              " questions each), from evaluation.jsonl:")  # fmt: skip
+        print("| task | code | repeat | evaluations | seconds each (median) | step s without | "
+              f"cost at every {interval} steps |")  # fmt: skip
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for row in evaluated:
+            seconds = statistics.median(row["evaluation_s"])
+            step = min(row["intervals"])  # an interval holding no evaluation
+            print(
+                f"| {row['task']} | {row['code']} | {row['repeat']} | {len(row['evaluation_s'])} |"
+                f" {seconds:.2f} | {step:.4f} | {100 * seconds / (seconds + interval * step):.2f}% |"
+            )
     for row in failed:
         print(f"FAILED {row['task']} {row['code']} {row['repeat']}: {row['error']}",
               file=sys.stderr)  # fmt: skip
@@ -351,6 +385,10 @@ def main() -> None:
     rows.add_argument("--timed-steps", type=int, default=30)
     rows.add_argument("--checkpoint-interval", type=int, default=None,
                       help="save every N steps (keep_last 1) and report each save's time")  # fmt: skip
+    rows.add_argument("--evaluation-interval", type=int, default=None,
+                      help="evaluate while training every N steps; report its cost")  # fmt: skip
+    rows.add_argument("--eval-data", type=Path, default=SHARED_DATA / "eval",
+                      help="the folder holding jglue/ for --evaluation-interval")  # fmt: skip
     rows.add_argument("--row-timeout", type=float, default=600.0, help="seconds per row")
     args = parser.parse_args()
     if args.command == "prepare":
