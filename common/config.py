@@ -166,13 +166,54 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
             )
 
 
+def _table_default(cls: type[BaseModel], path: list[str]) -> tuple[int, dict] | None:
+    """Where ``path`` goes inside a table (a ``dict`` field) of ``cls``: its depth and default.
+
+    Sections are followed through fields typed as a config class; anything else ends the walk.
+    """
+    model: Any = cls
+    for depth, part in enumerate(path[:-1]):
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        elif typing.get_origin(annotation) is dict:
+            return depth, dict(field.get_default(call_default_factory=True) or {})
+        else:
+            return None
+    return None
+
+
+def _seed_table(cls: type[BaseModel], data: dict[str, Any], path: list[str]) -> None:
+    """Before ``a.table.key=value``: a table the file does not give starts from its default,
+    so one key set on the command line keeps the table's other keys."""
+    found = _table_default(cls, path)
+    if found is None:
+        return
+    depth, default = found
+    node: Any = data
+    for part in path[:depth]:
+        if not isinstance(node, dict):
+            return
+        node = node.setdefault(part, {}) if node.get(part) is None else node[part]
+    if isinstance(node, dict) and node.get(path[depth]) is None:
+        node[path[depth]] = default
+
+
 def load_config(cls: type[C], path: Path | str | None, overrides: Sequence[str] = ()) -> C:
-    """Build ``cls`` from a YAML file (or defaults when ``path`` is None) plus dotted overrides."""
+    """Build ``cls`` from a YAML file (or defaults when ``path`` is None) plus dotted overrides.
+
+    ``a.b=value`` sets one key; a key inside a table (``mt_bench.temperatures.writing=0.5``)
+    changes that key of the file's table, or of the default table when the file gives none.
+    """
     source = str(path) if path is not None else "defaults"
     data = read_yaml(Path(path)) if path is not None else {}
     overridden: set[str] = set()
     for text in overrides:
         key_path, value = parse_override(text)
+        _seed_table(cls, data, key_path)
         apply_override(data, key_path, value)
         overridden.add(".".join(key_path))
     try:

@@ -35,6 +35,7 @@ class Experiment(Config):
     model: Attention = Attention()
     train: Train = Train()
     sources: list[Source] = Field(default_factory=list)
+    weights: dict[str, float] = Field(default_factory=lambda: {"wiki": 1.0, "web": 0.5})
 
 
 def write(tmp_path, text: str):
@@ -66,6 +67,19 @@ def test_yaml_and_overrides_are_typed(tmp_path):
 def test_override_creates_missing_section(tmp_path):
     config = load_config(Experiment, write(tmp_path, ""), ["model.heads=8"])
     assert config.model.heads == 8
+
+
+def test_a_key_set_inside_a_table_keeps_the_tables_other_keys(tmp_path):
+    # The default table, when the file gives none; the file's table when it does.
+    config = load_config(Experiment, write(tmp_path, ""), ["weights.web=2"])
+    assert config.weights == {"wiki": 1.0, "web": 2.0}
+    config = load_config(Experiment, write(tmp_path, "weights:\n  code: 3\n"), ["weights.web=2"])
+    assert config.weights == {"code": 3.0, "web": 2.0}
+    # A whole table replaces the table.
+    config = load_config(Experiment, write(tmp_path, ""), ["weights={web: 2}"])
+    assert config.weights == {"web": 2.0}
+    config = load_config(Experiment, write(tmp_path, ""), ["weights={}"])
+    assert config.weights == {}
 
 
 def test_unknown_key_in_file_is_named_with_a_suggestion(tmp_path):
