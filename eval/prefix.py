@@ -31,14 +31,13 @@ MIN_SHARED = 32
 class PrefixBatch:
     """Model inputs for rows of token ids that may share leading ids.
 
-    ``ids``, ``mask`` and ``positions`` are (rows, width) for the part after the prefix,
-    left-padded; ``full_mask`` is (rows, shared + width), the mask over the prefix's cached
-    columns and these; ``lengths`` is each row's whole length in tokens.
+    ``ids`` and ``positions`` are (rows, width) for the part after the prefix, left-padded;
+    ``full_mask`` is (rows, shared + width), the attention mask over the prefix's cached columns
+    and these; ``lengths`` is each row's whole length in tokens.
     """
 
     shared: int
     ids: torch.Tensor
-    mask: torch.Tensor
     full_mask: torch.Tensor
     positions: torch.Tensor
     lengths: torch.Tensor
@@ -66,7 +65,7 @@ def layout(rows: Sequence[Sequence[int]], pad_id: int, share: bool = True) -> Pr
         mask[index, width - len(rest) :] = 1
     positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)
     full_mask = torch.cat([torch.ones((len(rows), shared), dtype=torch.long), mask], dim=1)
-    return PrefixBatch(shared, ids, mask, full_mask, positions, lengths, list(rows[0][:shared]))
+    return PrefixBatch(shared, ids, full_mask, positions, lengths, list(rows[0][:shared]))
 
 
 @torch.inference_mode()
