@@ -27,20 +27,24 @@ class Decoding:
     temperature: float = 0.0
     top_k: int = 50
     top_p: float = 1.0
+    # A row stops once its text holds one of these (the end tokens stop it anyway).
+    stop_strings: tuple[str, ...] = ()
 
     @property
     def do_sample(self) -> bool:
         return self.temperature > 1e-4
 
     def summary(self) -> dict:
+        stops = {"stop_strings": list(self.stop_strings)} if self.stop_strings else {}
         if not self.do_sample:
-            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens, **stops}
         return {
             "do_sample": True,
             "temperature": self.temperature,
             "top_k": self.top_k,
             "top_p": self.top_p,
             "max_new_tokens": self.max_new_tokens,
+            **stops,
         }
 
 
@@ -74,11 +78,16 @@ def generate_batch(
             temperature=decoding.temperature, top_k=decoding.top_k, top_p=decoding.top_p
         )
         torch.manual_seed(seed)
+    stops = {}
+    if decoding.stop_strings:
+        settings["stop_strings"] = list(decoding.stop_strings)
+        stops["tokenizer"] = loaded.tokenizer  # transformers matches stop strings through it
     output = loaded.model.generate(
         input_ids=ids.to(loaded.device),
         attention_mask=batch.full_mask.to(loaded.device),
         past_key_values=prefix_cache(loaded, batch),
         generation_config=GenerationConfig(**settings),
+        **stops,
     )
     return loaded.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
 

@@ -25,9 +25,13 @@ _LATIN1 = dict.fromkeys(range(128, 256))
 _NOT_NUMBER = re.compile(r"[^0-9.]")
 
 
+# Where a generated answer ends: the blank line before the next few-shot example.
+ANSWER_END = "\n\n"
+
+
 def normalize_prediction(text: str) -> str:
     """The part of a generation llm-jp-eval scores: before the first blank line, NFKC, stripped."""
-    return unicodedata.normalize("NFKC", text.split("\n\n")[0]).strip()
+    return unicodedata.normalize("NFKC", text.split(ANSWER_END)[0]).strip()
 
 
 def normalize_gold(text: str) -> str:

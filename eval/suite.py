@@ -206,9 +206,11 @@ def _loglik(loaded, examples, prompts, batcher, progress):
 
 def _generation(loaded, task, examples, prompts, batcher, progress, limit):
     from eval.generate import Decoding, generate, prompt_ids
-    from eval.metrics import GENERATION_METRICS, normalize_gold, normalize_prediction
+    from eval.metrics import ANSWER_END, GENERATION_METRICS, normalize_gold, normalize_prediction
 
-    decoding = Decoding(max_new_tokens=limit.max_new_tokens)
+    # The prediction ends at the first blank line (normalize_prediction), so a row stops there:
+    # a trained model would otherwise go on to write the next few-shot example to the limit.
+    decoding = Decoding(max_new_tokens=limit.max_new_tokens, stop_strings=(ANSWER_END,))
     encoded = [prompt_ids(loaded, text, decoding.max_new_tokens) for text in prompts]
     outputs = generate(loaded, [ids for ids, _ in encoded], decoding, batcher, progress.update)
     predictions = [normalize_prediction(text) for text in outputs]

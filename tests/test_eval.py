@@ -405,6 +405,31 @@ def test_a_shared_few_shot_header_runs_once_and_scores_as_recomputed(tokenizer_d
         assert row == pytest.approx(expected, abs=2e-4)
 
 
+def test_generation_stops_at_the_blank_line_that_ends_an_answer(tokenizer_dir):
+    from eval.generate import Decoding, generate
+    from eval.metrics import ANSWER_END, normalize_prediction
+
+    probe = loaded_from(mistral(), tokenizer_dir)
+    newline = token_ids(probe, "答\n")[-1]
+    assert probe.tokenizer.decode([newline, newline]) == ANSWER_END
+    bias = torch.zeros(2048)
+    bias[newline] = 4.0  # greedy: a newline after every token
+    model = unigram(bias)
+    loaded = loaded_from(model, tokenizer_dir)
+    prompts = [token_ids(loaded, "質問です。"), token_ids(loaded, "もう一つの長い質問です。")]
+    steps = []
+    hook = model.register_forward_pre_hook(lambda *_: steps.append(1))
+    stopped = generate(
+        loaded, prompts, Decoding(20, stop_strings=(ANSWER_END,)), Batcher(2, 2, LOGGER)
+    )
+    hook.remove()
+    # The prompt pass and one step per token; stopped at the blank line, not at the limit.
+    assert len(steps) == 2 and stopped == [ANSWER_END, ANSWER_END]
+    whole = generate(loaded, prompts, Decoding(20), Batcher(2, 2, LOGGER))
+    assert whole == [ANSWER_END * 10] * 2
+    assert [normalize_prediction(t) for t in stopped] == [normalize_prediction(t) for t in whole]
+
+
 def test_generation_after_a_shared_header_equals_generation_without(tokenizer_dir, monkeypatch):
     from eval import prefix
     from eval.generate import Decoding, generate, prompt_ids
@@ -598,7 +623,12 @@ def test_eval_run_end_to_end_on_real_jglue(kinoe, kinoe_model_dir, held_out, tmp
     assert jcqa["shots"] == 4 and jcqa["prompt_version"] == "llm-jp-eval-1.3+choice-text"
     generated = by_pair["jcommonsenseqa", "generation"]
     limit = generated["answer_length"]["max_new_tokens"]
-    assert generated["decoding"] == {"do_sample": False, "max_new_tokens": limit} and limit >= 1
+    assert generated["decoding"] == {
+        "do_sample": False,
+        "max_new_tokens": limit,
+        "stop_strings": ["\n\n"],
+    }
+    assert limit >= 1
     assert generated["answer_length"]["golds_longer_than_limit"] == 0
     assert set(by_pair["jsquad", "generation"]["metrics"]) == {"char_f1"}
     assert set(by_pair["jsts", "generation"]["metrics"]) == {"pearson", "spearman"}
