@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -55,12 +56,35 @@ def prompt_ids(loaded: LoadedModel, text: str, max_new_tokens: int) -> tuple[lis
     )
 
 
+class GeneratedText:
+    """Stops a row once the text it generated holds a stop string; the prompt is never looked at.
+
+    (transformers' own ``stop_strings`` match the sequence's end, prompt included, so a prompt
+    ending in a newline would stop at a first generated newline.) A stop string not seen before
+    the latest token ends within it, so only the last ``TAIL`` generated tokens are decoded per
+    step.
+    """
+
+    TAIL = 8
+
+    def __init__(self, tokenizer: Any, start: int, stop_strings: Sequence[str]):
+        self.tokenizer = tokenizer
+        self.start = start
+        self.stop_strings = tuple(stop_strings)
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        tail = input_ids[:, max(self.start, input_ids.shape[1] - self.TAIL) :]
+        texts = self.tokenizer.batch_decode(tail, skip_special_tokens=True)
+        done = [any(stop in text for stop in self.stop_strings) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 @torch.inference_mode()
 def generate_batch(
     loaded: LoadedModel, prompts: Sequence[list[int]], decoding: Decoding, seed: int
 ) -> list[str]:
     """One batch: the text generated after each prompt, special tokens removed."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     batch = layout(prompts, loaded.pad_id, loaded.full_attention)
     # The prefix's ids lead every row; generate runs only what its cache does not hold yet.
@@ -80,8 +104,8 @@ def generate_batch(
         torch.manual_seed(seed)
     stops = {}
     if decoding.stop_strings:
-        settings["stop_strings"] = list(decoding.stop_strings)
-        stops["tokenizer"] = loaded.tokenizer  # transformers matches stop strings through it
+        criterion = GeneratedText(loaded.tokenizer, width, decoding.stop_strings)
+        stops["stopping_criteria"] = StoppingCriteriaList([criterion])
     output = loaded.model.generate(
         input_ids=ids.to(loaded.device),
         attention_mask=batch.full_mask.to(loaded.device),

@@ -416,17 +416,24 @@ def test_generation_stops_at_the_blank_line_that_ends_an_answer(tokenizer_dir):
     bias[newline] = 4.0  # greedy: a newline after every token
     model = unigram(bias)
     loaded = loaded_from(model, tokenizer_dir)
-    prompts = [token_ids(loaded, "質問です。"), token_ids(loaded, "もう一つの長い質問です。")]
+    # The last prompt ends in a newline, as every task prompt does: only generated text counts
+    # towards the blank line (transformers' own stop strings would stop at its first newline).
+    texts = ["質問です。", "もう一つの長い質問です。", "### 応答:\n"]
+    prompts = [token_ids(loaded, text) for text in texts]
+    assert prompts[-1][-1] == newline
     steps = []
-    hook = model.register_forward_pre_hook(lambda *_: steps.append(1))
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kw: steps.append(kw["input_ids"].shape), with_kwargs=True
+    )
     stopped = generate(
-        loaded, prompts, Decoding(20, stop_strings=(ANSWER_END,)), Batcher(2, 2, LOGGER)
+        loaded, prompts, Decoding(20, stop_strings=(ANSWER_END,)), Batcher(3, 3, LOGGER)
     )
     hook.remove()
     # The prompt pass and one step per token; stopped at the blank line, not at the limit.
-    assert len(steps) == 2 and stopped == [ANSWER_END, ANSWER_END]
-    whole = generate(loaded, prompts, Decoding(20), Batcher(2, 2, LOGGER))
-    assert whole == [ANSWER_END * 10] * 2
+    assert stopped == [ANSWER_END] * 3, stopped
+    assert len(steps) == 2, steps
+    whole = generate(loaded, prompts, Decoding(20), Batcher(3, 3, LOGGER))
+    assert whole == [ANSWER_END * 10] * 3
     assert [normalize_prediction(t) for t in stopped] == [normalize_prediction(t) for t in whole]
 
 
