@@ -197,7 +197,9 @@ def _seed_table(cls: type[BaseModel], data: dict[str, Any], path: list[str]) -> 
     for part in path[:depth]:
         if not isinstance(node, dict):
             return
-        node = node.setdefault(part, {}) if node.get(part) is None else node[part]
+        if node.get(part) is None:  # absent or an empty section, as apply_override treats it
+            node[part] = {}
+        node = node[part]
     if isinstance(node, dict) and node.get(path[depth]) is None:
         node[path[depth]] = default
 

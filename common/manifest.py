@@ -20,7 +20,7 @@ import platform
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,13 +105,18 @@ class Manifest(BaseModel):
     error: str | None = None
 
 
-def sha256_file(path: Path) -> str:
-    """SHA-256 hex digest of a file's contents, read in 8 MiB chunks."""
-    digest = hashlib.sha256()
+def file_hexdigest(path: Path, new_hasher: Callable[[], Any] = hashlib.sha256) -> str:
+    """Hex digest of a file's contents by ``new_hasher`` (a hashlib-like factory), read in 8 MiB chunks."""
+    digest = new_hasher()
     with path.open("rb") as handle:
         while chunk := handle.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 hex digest of a file's contents."""
+    return file_hexdigest(path)
 
 
 def hash_tree(

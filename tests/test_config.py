@@ -31,11 +31,15 @@ class Source(Config):
     weight: float = 1.0
 
 
+class Mixing(Config):
+    weights: dict[str, float] = Field(default_factory=lambda: {"wiki": 1.0, "web": 0.5})
+
+
 class Experiment(Config):
     model: Attention = Attention()
     train: Train = Train()
     sources: list[Source] = Field(default_factory=list)
-    weights: dict[str, float] = Field(default_factory=lambda: {"wiki": 1.0, "web": 0.5})
+    mixing: Mixing = Mixing()
 
 
 def write(tmp_path, text: str):
@@ -70,16 +74,19 @@ def test_override_creates_missing_section(tmp_path):
 
 
 def test_a_key_set_inside_a_table_keeps_the_tables_other_keys(tmp_path):
-    # The default table, when the file gives none; the file's table when it does.
-    config = load_config(Experiment, write(tmp_path, ""), ["weights.web=2"])
-    assert config.weights == {"wiki": 1.0, "web": 2.0}
-    config = load_config(Experiment, write(tmp_path, "weights:\n  code: 3\n"), ["weights.web=2"])
-    assert config.weights == {"code": 3.0, "web": 2.0}
+    def weights(text: str, override: str) -> dict[str, float]:
+        return load_config(Experiment, write(tmp_path, text), [override]).mixing.weights
+
+    # The default table when the file gives none (no section, or an empty one); else the file's.
+    assert weights("", "mixing.weights.web=2") == {"wiki": 1.0, "web": 2.0}
+    assert weights("mixing:\n", "mixing.weights.web=2") == {"wiki": 1.0, "web": 2.0}
+    assert weights("mixing:\n  weights:\n    code: 3\n", "mixing.weights.web=2") == {
+        "code": 3.0,
+        "web": 2.0,
+    }
     # A whole table replaces the table.
-    config = load_config(Experiment, write(tmp_path, ""), ["weights={web: 2}"])
-    assert config.weights == {"web": 2.0}
-    config = load_config(Experiment, write(tmp_path, ""), ["weights={}"])
-    assert config.weights == {}
+    assert weights("", "mixing.weights={web: 2}") == {"web": 2.0}
+    assert weights("", "mixing.weights={}") == {}
 
 
 def test_unknown_key_in_file_is_named_with_a_suggestion(tmp_path):

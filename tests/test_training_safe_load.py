@@ -110,6 +110,12 @@ def test_checkpoints_recorded_with_sha256_are_still_verified(tmp_path):
     data[-10] ^= 0x01
     path.write_bytes(data)
     assert "model.pt: its SHA-256 digest differs" in damage(tmp_path, recorded)
+    # A record holding neither digest (a hand-edited trainer_state.json) is named, not a traceback.
+    unverifiable = {"model.pt": {"bytes": path.stat().st_size}}
+    assert (
+        damage(tmp_path, unverifiable)
+        == f"{path}: no digest recorded for it, so it cannot be verified"
+    )
 
 
 def test_dpo_reference_file_is_verified_before_use(tmp_path):

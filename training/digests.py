@@ -29,7 +29,7 @@ import xxhash
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from common.errors import KinoeError
-from common.manifest import write_json_atomic
+from common.manifest import file_hexdigest, write_json_atomic
 from training import safe_load
 
 # The files of one checkpoint directory: path relative to it -> {"bytes": n, "xxh3_128": hex}
@@ -43,26 +43,16 @@ _VERIFY_THREADS = max(1, min(4, os.cpu_count() or 1))
 ALGORITHM = "xxh3_128"
 _HASHERS = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 _SHOWN = {"xxh3_128": "XXH3-128", "sha256": "SHA-256"}
-_READ_CHUNK = 8 << 20
-
-
-def hash_file(path: Path, algorithm: str = ALGORITHM) -> str:
-    """The hex digest of a file's contents under ``algorithm``, read in 8 MiB chunks."""
-    digest = _HASHERS[algorithm]()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_READ_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def file_digest(path: Path) -> dict[str, Any]:
     """The size and digest of one file."""
-    return {"bytes": path.stat().st_size, ALGORITHM: hash_file(path)}
+    return {"bytes": path.stat().st_size, ALGORITHM: file_hexdigest(path, _HASHERS[ALGORITHM])}
 
 
-def recorded_algorithm(entry: dict[str, Any]) -> str:
+def recorded_algorithm(entry: dict[str, Any]) -> str | None:
     """Which digest a record holds: XXH3-128, or SHA-256 in checkpoints written before it."""
-    return next(name for name in _HASHERS if name in entry)
+    return next((name for name in _HASHERS if name in entry), None)
 
 
 class HashingFile:
@@ -194,7 +184,9 @@ def damage(
     to_hash = []
     for name in names:
         path = directory / name
-        if not path.is_file():
+        if recorded_algorithm(recorded[name]) is None:
+            problems.append(f"{path}: no digest recorded for it, so it cannot be verified")
+        elif not path.is_file():
             problems.append(f"{path}: missing (the checkpoint recorded it when written)")
         elif path.stat().st_size != recorded[name]["bytes"]:
             problems.append(
@@ -208,7 +200,9 @@ def damage(
     with ThreadPoolExecutor(max_workers=_VERIFY_THREADS) as pool:
         algorithms = [recorded_algorithm(recorded[name]) for name in to_hash]
         hashes = pool.map(
-            lambda name, algorithm: hash_file(directory / name, algorithm), to_hash, algorithms
+            lambda name, algorithm: file_hexdigest(directory / name, _HASHERS[algorithm]),
+            to_hash,
+            algorithms,
         )
         for name, algorithm, digest in zip(to_hash, algorithms, hashes, strict=True):
             if digest != recorded[name][algorithm]:
