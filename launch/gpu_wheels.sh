@@ -33,7 +33,8 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # The version pyproject.toml pins for a package (the one source of versions).
 pin() {
     local version
-    version=$(sed -n "s/^ *\"$1==\([^\"]*\)\".*/\1/p" "$repo/pyproject.toml")
+    # Anywhere on a line: the pin may sit in an extra's one-line list (bench = ["liger-kernel==…"]).
+    version=$(sed -n "s/.*\"$1==\([^\"]*\)\".*/\1/p" "$repo/pyproject.toml" | head -1)
     [[ -n $version ]] || { echo "gpu_wheels.sh: $1 is not pinned in pyproject.toml" >&2; exit 1; }
     echo "$version"
 }
@@ -71,7 +72,11 @@ build() {
     # engine.fp8's float8 training (its kernels are built for CUDA in the abi3 wheel), and the
     # Liger kernels of the Hugging Face baseline in benchmarks/pretrain_throughput.py (triton,
     # which it needs, comes with the image's torch).
-    "${fetch[@]}" "torchao==$(pin torchao)" "liger-kernel==$(pin liger-kernel)"
+    # Pins are read first: a failed `pin` inside an argument list would not stop the script.
+    local torchao liger
+    torchao=$(pin torchao)
+    liger=$(pin liger-kernel)
+    "${fetch[@]}" "torchao==$torchao" "liger-kernel==$liger"
     ls -1 "$dir"/*.whl
     du -sh "$dir" >&2
 }

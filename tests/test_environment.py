@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -60,6 +61,29 @@ def test_gpu_wheels_decides_every_dependency():
     pinned = {Requirement(r).name for r in pyproject()["project"]["dependencies"]}
     placed = [name for names in lists.values() for name in names]
     assert sorted(placed) == sorted(pinned)
+
+
+def test_gpu_wheels_pins_every_brought_package_at_pyprojects_version():
+    # `pin` reads versions from pyproject.toml; a pin it cannot find once fetched "liger-kernel=="
+    # (any version) without stopping the build.
+    script = REPO / "launch" / "gpu_wheels.sh"
+    pin = re.search(r"^pin\(\) \{.*?^\}", script.read_text(), re.MULTILINE | re.DOTALL).group(0)
+    project = pyproject()["project"]
+    requirements = [Requirement(r) for r in project["dependencies"]] + [
+        Requirement(r) for extra in project["optional-dependencies"].values() for r in extra
+    ]
+    versions = {r.name: str(r.specifier).removeprefix("==") for r in requirements}
+    for name in ("deepspeed", "pydantic", "torchao", "liger-kernel"):
+        found = subprocess.run(
+            ["bash", "-c", f'{pin}\nrepo={REPO}\npin "$1"', "pin", name],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        assert found == versions[name], name
+    missing = subprocess.run(
+        ["bash", "-c", f'{pin}\nrepo={REPO}\npin "$1"', "pin", "no-such-package"],
+        capture_output=True, text=True,
+    )
+    assert missing.returncode == 1 and "not pinned" in missing.stderr
 
 
 def test_python_version_agrees():
