@@ -34,7 +34,7 @@ import torch
 from eval.config import EvalConfig
 from eval.data import load_task
 from eval.generate import Decoding, generate, prompt_ids
-from eval.loglik import build_request, score_choices
+from eval.loglik import build_requests, score_choices
 from eval.metrics import choice_accuracy, exact_match, normalize_gold, normalize_prediction
 from eval.model import Batcher, load_model
 from eval.tasks import REGISTRY
@@ -73,7 +73,9 @@ def _loglik(loaded, args, samples, shots, warmup: bool = False):
     batcher = Batcher(args.batch_size, args.max_batch_size, LOGGER)
 
     def run():
-        requests = [build_request(loaded, prompt(header, s), s.choices) for s in samples]
+        requests = build_requests(
+            loaded, [prompt(header, s) for s in samples], [s.choices for s in samples]
+        )
         scores = score_choices(loaded, requests, batcher)
         labels = [s.choices.index(s.output) for s in samples]
         return {
@@ -114,7 +116,9 @@ def _loglik_recompute(loaded, args, samples, shots):
     batcher = Batcher(args.batch_size, args.max_batch_size, LOGGER)
 
     def run():
-        requests = [build_request(loaded, prompt(header, s), s.choices) for s in samples]
+        requests = build_requests(
+            loaded, [prompt(header, s) for s in samples], [s.choices for s in samples]
+        )
         rows = [(r.context, c) for r in requests for c in r.continuations]
         order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
         # Batch sizes count questions elsewhere; here five rows make one question's worth.
@@ -139,7 +143,8 @@ def _generation(loaded, args, samples, shots, warmup: bool = False):
     batcher = Batcher(args.batch_size, args.max_batch_size, LOGGER)
 
     def run():
-        ids = [prompt_ids(loaded, prompt(header, s), decoding.max_new_tokens)[0] for s in samples]
+        texts = [prompt(header, s) for s in samples]
+        ids = [ids for ids, _ in prompt_ids(loaded, texts, decoding.max_new_tokens)]
         outputs = generate(loaded, ids, decoding, batcher)
         predictions = [normalize_prediction(text) for text in outputs]
         golds = [normalize_gold(s.output) for s in samples]

@@ -261,6 +261,10 @@ def main() -> None:
             failed.append(variant)
             continue
         rows.append(json.loads(lines[-1][len("RESULT ") :]))
+        # Each row as soon as it is measured: a run cut short still leaves what it measured.
+        row = rows[-1]
+        print(f"{variant}: {row['step_ms']:.1f} ms/step, {row['tokens_per_s']:,.0f} tokens/s, "
+              f"MFU {100 * row['mfu']:.1f}%, peak {row['peak_gib']:.1f} GiB", flush=True)  # fmt: skip
 
     hf_rows = [row for row in rows if row["variant"].startswith("hf")]
     baseline = max(hf_rows, key=lambda row: row["tokens_per_s"], default=None)

@@ -49,11 +49,12 @@ class Decoding:
         }
 
 
-def prompt_ids(loaded: LoadedModel, text: str, max_new_tokens: int) -> tuple[list[int], bool]:
-    """Token ids of a prompt, its start cut so that prompt and answer fit ``max_length``; and whether it was cut."""
-    return truncate_left(
-        loaded.encode(text), max(loaded.max_length - max_new_tokens, 1), loaded.bos_id
-    )
+def prompt_ids(
+    loaded: LoadedModel, texts: Sequence[str], max_new_tokens: int
+) -> list[tuple[list[int], bool]]:
+    """Per prompt: its token ids, the start cut so that prompt and answer fit ``max_length``; and whether it was cut."""
+    keep = max(loaded.max_length - max_new_tokens, 1)
+    return [truncate_left(ids, keep, loaded.bos_id) for ids in loaded.encode(texts)]
 
 
 class GeneratedText:

@@ -38,10 +38,25 @@ class ChoiceRequest:
         return len(self.context) + max(len(c) for c in self.continuations)
 
 
-def build_request(loaded: LoadedModel, context: str, choices: Sequence[str]) -> ChoiceRequest:
-    """Tokenize ``context`` and each choice after it; cut the context from the left to fit ``max_length``."""
-    context_ids = loaded.encode(context)
-    wholes = [loaded.encode(context + choice) for choice in choices]
+def build_requests(
+    loaded: LoadedModel, contexts: Sequence[str], choices: Sequence[Sequence[str]]
+) -> list[ChoiceRequest]:
+    """Per question: tokenize its context and each choice after it (all texts in one tokenizer call)."""
+    texts = [
+        text for context, options in zip(contexts, choices, strict=True)
+        for text in (context, *(context + option for option in options))
+    ]  # fmt: skip
+    encoded = loaded.encode(texts)
+    requests, start = [], 0
+    for options in choices:
+        end = start + 1 + len(options)
+        requests.append(_request(loaded, encoded[start], encoded[start + 1 : end]))
+        start = end
+    return requests
+
+
+def _request(loaded: LoadedModel, context_ids: list[int], wholes: list[list[int]]) -> ChoiceRequest:
+    """The choices' tokens after what they share with the context; the context cut from the left to fit ``max_length``."""
     shared = min(common_prefix(context_ids, whole) for whole in wholes)
     continuations = [whole[shared:] for whole in wholes]
     if shared == 0:

@@ -35,9 +35,22 @@ class LoadedModel:
     placement: Placement
     info: dict[str, Any]
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` with the tokenizer's special tokens (BOS for kinoe's)."""
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text with the tokenizer's special tokens (BOS for kinoe's).
+
+        One call for all of them: a fast tokenizer encodes a list on every core. With a fast
+        tokenizer the Rust tokenizer is called directly: transformers' wrapper builds a Python
+        object per text (a quarter of the time for JSeM's 63,000 prompt strings) and does
+        nothing else for plain text (a test checks the ids are the same).
+        """
+        if not texts:
+            return []
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=True)]
+        return [
+            list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+        ]
 
     def encode_answers(self, answers: list[str]) -> list[list[int]]:
         """The ids each answer takes where a prompt's answer is generated: after ``### 応答:\\n``."""
@@ -186,6 +199,9 @@ class Batcher:
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """How many leading ids ``a`` and ``b`` have in common."""
+    shorter = min(len(a), len(b))
+    if a[:shorter] == b[:shorter]:  # the usual case (a prompt and the prompt + a choice), in C
+        return shorter
     size = 0
     for x, y in zip(a, b, strict=False):
         if x != y:

@@ -179,13 +179,10 @@ def _described(data: TaskData, evaluated: int, shots: int) -> dict[str, Any]:
 
 
 def _loglik(loaded, examples, prompts, batcher, progress):
-    from eval.loglik import build_request, score_choices
+    from eval.loglik import build_requests, score_choices
     from eval.metrics import choice_accuracy
 
-    requests = [
-        build_request(loaded, text, sample.choices)
-        for text, sample in zip(prompts, examples, strict=True)
-    ]
+    requests = build_requests(loaded, prompts, [sample.choices for sample in examples])
     scores = score_choices(loaded, requests, batcher, progress.update)
     labels = [sample.choices.index(sample.output) for sample in examples]
     choices = [sample.choices for sample in examples]
@@ -211,7 +208,7 @@ def _generation(loaded, task, examples, prompts, batcher, progress, limit):
     # The prediction ends at the first blank line (normalize_prediction), so a row stops there:
     # a trained model would otherwise go on to write the next few-shot example to the limit.
     decoding = Decoding(max_new_tokens=limit.max_new_tokens, stop_strings=(ANSWER_END,))
-    encoded = [prompt_ids(loaded, text, decoding.max_new_tokens) for text in prompts]
+    encoded = prompt_ids(loaded, prompts, decoding.max_new_tokens)
     outputs = generate(loaded, [ids for ids, _ in encoded], decoding, batcher, progress.update)
     predictions = [normalize_prediction(text) for text in outputs]
     golds = [normalize_gold(sample.output) for sample in examples]

@@ -76,12 +76,15 @@ def test_gpu_wheels_pins_every_brought_package_at_pyprojects_version():
     for name in ("deepspeed", "pydantic", "torchao", "liger-kernel"):
         found = subprocess.run(
             ["bash", "-c", f'{pin}\nrepo={REPO}\npin "$1"', "pin", name],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         assert found == versions[name], name
     missing = subprocess.run(
         ["bash", "-c", f'{pin}\nrepo={REPO}\npin "$1"', "pin", "no-such-package"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert missing.returncode == 1 and "not pinned" in missing.stderr
 

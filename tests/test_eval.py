@@ -26,7 +26,7 @@ from common.run import load_stage_config, run_stage
 from eval.cli import STEPS, _shortcuts, step_dir
 from eval.config import EvalConfig
 from eval.data import JGLUE_FILES, download_jglue, llm_jp_eval_train_dev, load_task, subset
-from eval.loglik import build_request, score_choices
+from eval.loglik import build_requests, score_choices
 from eval.metrics import (
     char_f1,
     choice_accuracy,
@@ -37,7 +37,7 @@ from eval.metrics import (
     spearman,
     token_sort_ratio,
 )
-from eval.model import Batcher, LoadedModel, load_model
+from eval.model import Batcher, LoadedModel, common_prefix, load_model
 from eval.placement import check_placement, inspect_placement
 from eval.prefix import layout
 from eval.tasks import REGISTRY
@@ -347,9 +347,7 @@ def test_shared_context_scores_equal_full_recomputation(tokenizer_dir):
     header = few_shot_header(REGISTRY["jcommonsenseqa"].loglik.instruction, data.shots)
     texts = [prompt(header, sample) for sample in examples]
     texts[3] = texts[3][-60:]  # a much shorter prompt in the batch: left padding
-    requests = [
-        build_request(loaded, text, s.choices) for text, s in zip(texts, examples, strict=True)
-    ]
+    requests = build_requests(loaded, texts, [s.choices for s in examples])
     assert any(r.truncated for r in requests) and not requests[3].truncated
     assert all(len(r.context) + max(map(len, r.continuations)) <= 300 for r in requests)
     scores = score_choices(loaded, requests, Batcher(3, 3, LOGGER))
@@ -357,7 +355,7 @@ def test_shared_context_scores_equal_full_recomputation(tokenizer_dir):
         expected = [full_recompute(model, request.context, c) for c in request.continuations]
         assert row == pytest.approx(expected, abs=2e-4)
     # The choice's tokens are exactly those of the choice text after the prompt.
-    whole = loaded.encode(texts[0] + examples[0].choices[1])
+    [whole] = loaded.encode([texts[0] + examples[0].choices[1]])
     assert (
         requests[0].context[-5:] + requests[0].continuations[1]
         == whole[-5 - len(requests[0].continuations[1]) :]
@@ -372,6 +370,28 @@ def few_shot_prompts(count: int, shots: int = 4) -> tuple[list[str], list]:
     return [prompt(header, sample) for sample in data.examples[:count]], data.examples[:count]
 
 
+def test_batched_encoding_gives_the_tokenizers_own_ids(tokenizer_dir):
+    # LoadedModel.encode calls the Rust tokenizer directly for speed; the ids must be those
+    # transformers' tokenizer gives each text alone: BOS, Japanese prompts, choices, edge cases.
+    if not JGLUE.is_dir():
+        pytest.skip(f"{JGLUE} is absent")
+    loaded = loaded_from(mistral(), tokenizer_dir)
+    texts, examples = few_shot_prompts(20)
+    texts += [t + c for t, s in zip(texts, examples, strict=True) for c in s.choices]
+    texts += ["", " ", "\n\n", "ＡＢＣ　全角", "<s>", "絵文字🙂と記号①"]
+    expected = [list(loaded.tokenizer(t, add_special_tokens=True)["input_ids"]) for t in texts]
+    assert loaded.encode(texts) == expected
+    assert expected[0][0] == loaded.bos_id
+
+
+def test_common_prefix():
+    assert common_prefix([1, 2, 3], [1, 2, 3, 4]) == 3
+    assert common_prefix([1, 2, 3, 4], [1, 2]) == 2
+    assert common_prefix([1, 2, 3], [1, 5, 3]) == 1
+    assert common_prefix([], [1]) == 0
+    assert common_prefix([7], [8]) == 0
+
+
 @pytest.mark.parametrize("sliding_window", [None, 64])
 def test_a_shared_few_shot_header_runs_once_and_scores_as_recomputed(tokenizer_dir, sliding_window):
     if not JGLUE.is_dir():
@@ -380,9 +400,7 @@ def test_a_shared_few_shot_header_runs_once_and_scores_as_recomputed(tokenizer_d
     loaded = loaded_from(model, tokenizer_dir)
     texts, examples = few_shot_prompts(6)
     texts[4] = texts[4] + "補足" * 30  # a longer question: left padding after the header
-    requests = [
-        build_request(loaded, text, s.choices) for text, s in zip(texts, examples, strict=True)
-    ]
+    requests = build_requests(loaded, texts, [s.choices for s in examples])
     batch = layout([r.context for r in requests], loaded.pad_id, loaded.full_attention)
     # A window shorter than max_length: every prompt whole (a windowed cache holds the window's
     # last tokens only, not a prefix run on its own).
@@ -446,7 +464,7 @@ def test_generation_after_a_shared_header_equals_generation_without(tokenizer_di
     loaded = loaded_from(mistral(), tokenizer_dir)
     texts, _ = few_shot_prompts(5)
     texts[2] = texts[2] + "補足" * 30
-    prompts = [prompt_ids(loaded, text, 8)[0] for text in texts]
+    prompts = [ids for ids, _ in prompt_ids(loaded, texts, 8)]
     assert layout(prompts, loaded.pad_id).shared >= 200
     decoding = Decoding(max_new_tokens=8)
     shared = generate(loaded, prompts, decoding, Batcher(5, 5, LOGGER))
@@ -466,8 +484,11 @@ def test_loglik_picks_the_choices_a_model_prefers(tokenizer_dir):
     # Questions whose gold choice shares no token with any wrong choice, its own or the other
     # questions', so one model can prefer every gold answer at once.
     examples, gold_tokens, wrong_tokens = [], set(), set()
-    for sample in data.examples[:300]:
-        request = build_request(probe, prompt(header, sample), sample.choices)
+    candidates = data.examples[:300]
+    probed = build_requests(
+        probe, [prompt(header, s) for s in candidates], [s.choices for s in candidates]
+    )
+    for sample, request in zip(candidates, probed, strict=True):
         label = sample.choices.index(sample.output)
         gold = set(request.continuations[label])
         wrong = {t for i, c in enumerate(request.continuations) if i != label for t in c}
@@ -482,7 +503,9 @@ def test_loglik_picks_the_choices_a_model_prefers(tokenizer_dir):
     model = unigram(bias)
     loaded = loaded_from(model, tokenizer_dir)
     table = unigram_logprobs(model)
-    requests = [build_request(loaded, prompt(header, s), s.choices) for s in examples]
+    requests = build_requests(
+        loaded, [prompt(header, s) for s in examples], [s.choices for s in examples]
+    )
     scores = score_choices(loaded, requests, Batcher("auto", 8, LOGGER))
     for request, row in zip(requests, scores, strict=True):
         # Each choice scores the sum of its tokens' fixed log-probabilities, computed by hand.
@@ -501,7 +524,7 @@ def test_loglik_picks_the_choices_a_model_prefers(tokenizer_dir):
     header = few_shot_header(REGISTRY["jnli"].loglik.instruction, [])
     scores = score_choices(
         loaded,
-        [build_request(loaded, prompt(header, s), s.choices) for s in pairs],
+        build_requests(loaded, [prompt(header, s) for s in pairs], [s.choices for s in pairs]),
         Batcher(5, 5, LOGGER),
     )
     share = sum(s.output == "neutral" for s in pairs) / len(pairs)
@@ -522,7 +545,7 @@ def test_greedy_generation_answers_what_the_model_prefers(tokenizer_dir):
     bias = torch.zeros(2048)
     bias[two] = 4.0
     loaded = loaded_from(unigram(bias), tokenizer_dir, max_length=64)
-    prompts = [prompt_ids(loaded, "質問" * n, 1) for n in (3, 80)]
+    prompts = prompt_ids(loaded, ["質問" * n for n in (3, 80)], 1)
     assert [cut for _, cut in prompts] == [False, True]
     assert len(prompts[1][0]) == 63 and prompts[1][0][0] == loaded.bos_id
     outputs = generate(

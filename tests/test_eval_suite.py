@@ -287,7 +287,7 @@ def test_evaluation_while_training_matches_kinoe_eval_on_the_same_weights(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from eval.bpc import bits_per_character, prepare_windows, read_texts
-    from eval.loglik import build_request, score_choices
+    from eval.loglik import build_requests, score_choices
     from eval.metrics import choice_accuracy
     from eval.model import Batcher
     from eval.placement import inspect_placement
@@ -352,7 +352,9 @@ def test_evaluation_while_training_matches_kinoe_eval_on_the_same_weights(
         data = load_task(task, "loglik", source, "test", 1, 42)
         header = few_shot_header(task.loglik.instruction, data.shots)
         examples = data.examples[:4]
-        requests = [build_request(loaded, prompt(header, s), s.choices) for s in examples]
+        requests = build_requests(
+            loaded, [prompt(header, s) for s in examples], [s.choices for s in examples]
+        )
         scores = score_choices(loaded, requests, batcher, lambda n: 0)
         figures = choice_accuracy(
             scores, [s.choices for s in examples], [s.choices.index(s.output) for s in examples]

@@ -3,7 +3,7 @@ character of held-out text and log-likelihood accuracy of evaluation tasks, on t
 trained, every rank scoring a share.
 
 The prompts, choices and text windows are made once, when the run starts, by the same code
-``kinoe eval`` uses (``eval.bpc.prepare_windows``, ``eval.loglik.build_request``, the task
+``kinoe eval`` uses (``eval.bpc.prepare_windows``, ``eval.loglik.build_requests``, the task
 registry), so the figures are the ones a converted checkpoint would get from ``kinoe eval``
 with the same tokenizer, shots and examples — without converting. Each row (a text window, or a
 prompt with one choice) is one sequence through the model, right-padded in a micro-batch; under
@@ -47,7 +47,7 @@ def prepare_rows(config: EvaluationConfig, max_length: int) -> Rows:
 
     from eval.bpc import prepare_windows, read_texts
     from eval.data import load_task, task_source
-    from eval.loglik import build_request
+    from eval.loglik import build_requests
     from eval.model import LoadedModel
     from eval.tasks import REGISTRY
     from eval.tasks.base import few_shot_header, prompt
@@ -78,8 +78,11 @@ def prepare_rows(config: EvaluationConfig, max_length: int) -> Rows:
         data = load_task(task, "loglik", source, "test", config.shots, config.seed)
         header = few_shot_header(task.prompt_format("loglik").instruction, data.shots)
         start, questions = len(rows.rows), []
-        for sample in data.examples[: config.limit]:
-            request = build_request(loaded, prompt(header, sample), sample.choices)
+        examples = data.examples[: config.limit]
+        requests = build_requests(
+            loaded, [prompt(header, s) for s in examples], [s.choices for s in examples]
+        )
+        for sample, request in zip(examples, requests, strict=True):
             rows.rows += [
                 (request.context + continuation, len(request.context))
                 for continuation in request.continuations
