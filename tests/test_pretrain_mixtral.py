@@ -74,10 +74,14 @@ def _forward_backward(moe: MoE, x_TD: torch.Tensor) -> tuple[torch.Tensor, dict]
 # --- grouped vs loop -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("top_k", [2, 3])
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])
-def test_grouped_matches_loop_in_forward_and_every_gradient(capacity_factor):
-    grouped = _moe(capacity_factor=capacity_factor)
-    loop = _loop_copy(grouped)
+def test_grouped_matches_loop_in_forward_and_every_gradient(capacity_factor, top_k):
+    # top_k 3: a token's gradient sums three copies (the dispatch's backward, _sorted_copies).
+    grouped = _moe(capacity_factor=capacity_factor, top_k=top_k)
+    loop = MoE(_args(num_layers=1, moe_implementation="loop", capacity_factor=capacity_factor,
+                     top_k=top_k))  # fmt: skip
+    loop.load_state_dict(grouped.state_dict())
     x_TD = torch.randn(48, 64, generator=torch.Generator().manual_seed(1))
     out_grouped, grads_grouped = _forward_backward(grouped, x_TD)
     out_loop, grads_loop = _forward_backward(loop, x_TD)

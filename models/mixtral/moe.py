@@ -129,12 +129,14 @@ class MoE(nn.Module):
         T, K = experts_TK.shape
         E = self.num_experts
         # Stable: within an expert, assignments stay in token order, as the loop takes them.
-        experts_A, order_A = experts_TK.flatten().sort(stable=True)
-        if dropped:
-            order_A = order_A[: order_A.numel() - dropped]  # dropped ones carry id E, last
-        bounds_E = torch.arange(1, E + 1, device=x_TD.device, dtype=experts_A.dtype)
-        ends_E = torch.searchsorted(experts_A, bounds_E)
-        x_AD = x_TD.index_select(0, order_A // K)
+        experts_N, order_N = experts_TK.flatten().sort(stable=True)  # N = T * K, a permutation
+        bounds_E = torch.arange(1, E + 1, device=x_TD.device, dtype=experts_N.dtype)
+        ends_E = torch.searchsorted(experts_N, bounds_E)
+        x_AD = _sorted_copies(x_TD, order_N, K)
+        order_A = order_N
+        if dropped:  # dropped assignments carry id E, so they sort last
+            order_A = order_N[: order_N.numel() - dropped]
+            x_AD = x_AD[: order_A.numel()]
         if self.exchange is None:
             y_AD = self.local_experts(x_AD, ends_E.to(torch.int32))
         else:
@@ -170,6 +172,24 @@ class MoE(nn.Module):
             y_ND = F.linear(F.silu(gate_NF) * up_NF, self.w_down_EDF[expert])
             out_TD.index_add_(0, token_N, y_ND * weights_TK[token_N, choice_N, None])
         return out_TD
+
+
+def _sorted_copies(x_TD: torch.Tensor, order_N: torch.Tensor, K: int) -> torch.Tensor:
+    """(N, D), N = T * K: row n is token ``order_N[n] // K``'s row; ``order_N`` a permutation.
+
+    The same rows as ``x_TD.index_select(0, order_N // K)``, but its backward gathers instead of
+    scattering: index_select's backward is index_add_, atomic adds that in bf16 cost 0.6 ms a
+    layer on an H200 for 32k assignments (3.7% of a mixtral_1b_active step in a profile) and sum
+    a token's K gradients in varying order. Here the K copies of each token are laid out first
+    and written to their sorted places with index_copy, whose backward is a gather, and the
+    copies' gradients meet in ``expand``'s backward: a sum over K in a fixed order.
+    """
+    N, D = order_N.numel(), x_TD.shape[-1]
+    inverse_N = torch.empty_like(order_N)
+    inverse_N[order_N] = torch.arange(N, device=order_N.device)
+    copies_ND = x_TD[:, None, :].expand(-1, K, -1).reshape(N, D)
+    # Every row is written (a permutation), so the destination needs no zeroing.
+    return copies_ND.new_empty(N, D).index_copy(0, inverse_N, copies_ND)
 
 
 def _drop_over_capacity(
