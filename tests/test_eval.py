@@ -384,6 +384,23 @@ def test_batched_encoding_gives_the_tokenizers_own_ids(tokenizer_dir):
     assert expected[0][0] == loaded.bos_id
 
 
+def test_encoding_follows_a_wrapper_that_changes_the_ids(tokenizer_dir):
+    # A tokenizer whose Python side changes what the Rust tokenizer gives (here: a marker id
+    # after BOS) is encoded through that Python side, for every text.
+    real = loaded_from(mistral(), tokenizer_dir).tokenizer
+
+    class Marking:
+        backend_tokenizer = real.backend_tokenizer
+
+        def __call__(self, texts, add_special_tokens):
+            ids = real(texts, add_special_tokens=add_special_tokens)["input_ids"]
+            return {"input_ids": [[row[0], 7, *row[1:]] for row in ids]}
+
+    loaded = LoadedModel(None, Marking(), torch.device("cpu"), 64, None, {})
+    texts = ["質問です。", "答えは2です。"]
+    assert loaded.encode(texts) == [[i[0], 7, *i[1:]] for i in real(texts)["input_ids"]]
+
+
 def test_common_prefix():
     assert common_prefix([1, 2, 3], [1, 2, 3, 4]) == 3
     assert common_prefix([1, 2, 3, 4], [1, 2]) == 2
