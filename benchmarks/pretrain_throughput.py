@@ -199,8 +199,17 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
             for _ in range(3):
                 step()
             torch.cuda.synchronize()
-        table = profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
-        print(table, file=sys.stderr, flush=True)
+        averages = profiler.key_averages()
+        print(averages.table(sort_by="self_cuda_time_total", row_limit=30), file=sys.stderr)
+        # Kernel time per step against the timed step: what is left is the GPU waiting on the
+        # host (launches, synchronisations), the first thing to look at when it is large.
+        # Kernels only (the device's own events, not the operators that launched them), as
+        # the table's "Self CUDA time total" counts.
+        kernels = [e for e in averages if e.device_type != torch.autograd.DeviceType.CPU
+                   and not getattr(e, "is_user_annotation", False)]  # fmt: skip
+        busy = sum(e.self_device_time_total for e in kernels) / 3 / 1e3
+        print(f"GPU work per step: {busy:.1f} ms of a {seconds * 1e3:.1f} ms step "
+              f"({100 * busy / (seconds * 1e3):.0f}% busy)", file=sys.stderr, flush=True)  # fmt: skip
     tokens_per_s = args.micro_batch * args.accumulation * args.seq_len / seconds
     flops = model_args.flops_per_token(args.seq_len)
     return {
