@@ -201,10 +201,9 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         averages = profiler.key_averages()
         print(averages.table(sort_by="self_cuda_time_total", row_limit=30), file=sys.stderr)
-        # Kernel time per step against the timed step: what is left is the GPU waiting on the
-        # host (launches, synchronisations), the first thing to look at when it is large.
-        # Kernels only (the device's own events, not the operators that launched them), as
-        # the table's "Self CUDA time total" counts.
+        # Kernel time per step against the timed step; the rest is the GPU waiting on the host
+        # (launches, synchronisations). Kernels only, not the operators that launched them,
+        # as the table's "Self CUDA time total" counts.
         kernels = [e for e in averages if e.device_type != torch.autograd.DeviceType.CPU
                    and not getattr(e, "is_user_annotation", False)]  # fmt: skip
         busy = sum(e.self_device_time_total for e in kernels) / 3 / 1e3

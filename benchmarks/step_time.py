@@ -19,7 +19,7 @@ work done).
 
 With ``--checkpoint-interval N`` the rows save a checkpoint every N steps inside the timed
 window, and a second table gives each save's wall time, size, and how long the rank waited for
-the files' SHA-256 digests after its last write (the digests' share of the stall; the hashing
+the files' digests after its last write (the digests' share of the stall; the hashing
 otherwise overlaps DeepSpeed's writes), from the trainer's log.
 
 With ``--evaluation-interval N`` the pretraining rows evaluate while training
