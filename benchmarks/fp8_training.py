@@ -73,7 +73,7 @@ def plot(curves: dict[str, dict[int, float]], title: str, path: Path) -> None:
     figure.savefig(path, dpi=120, bbox_inches="tight")
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="what step_time.py prepare wrote")
     parser.add_argument("--rows", default=",".join(ROWS))
@@ -89,19 +89,28 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=50, help="last steps whose loss is averaged")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the loss curves")
     parser.add_argument("--row-timeout", type=float, default=600.0)
-    args = parser.parse_args()
+    return parser
+
+
+def row_args(args: argparse.Namespace, name: str) -> argparse.Namespace:
+    """What `step_time.run_row` reads for the row ``name`` of ROWS."""
+    return argparse.Namespace(
+        **vars(args), **ROWS[name], family="mistral", preset="mistral_7b",
+        overrides={"num_layers": args.layers}, gpus=1, zero_stage=2, expert_parallel=1,
+        precision="bf16", compile=True, sft_max_length=0,
+    )  # fmt: skip
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     overrides = {"num_layers": args.layers}
     paths = data_paths(args.data.resolve())
     work = args.work.resolve()
     rows, failed, curves = [], [], {}
     for name in args.rows.split(","):
-        row_args = argparse.Namespace(
-            **vars(args), **ROWS[name], family="mistral", preset="mistral_7b", overrides=overrides,
-            gpus=1, zero_stage=2, expert_parallel=1, precision="bf16", compile=True,
-            sft_max_length=0,
-        )  # fmt: skip
         root = work / name
-        result = run_row("pretrain", REPO, row_args, paths, root, root / "unused") | {"row": name}
+        result = run_row("pretrain", REPO, row_args(args, name), paths, root, root / "unused")
+        result |= {"row": name}
         print(
             "ROW " + json.dumps({k: v for k, v in result.items() if k != "intervals"}), flush=True
         )

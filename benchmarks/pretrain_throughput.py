@@ -63,7 +63,7 @@ def pretrain_config(args: argparse.Namespace, attention: str, compile_blocks: bo
             "model": {
                 "family": args.family,
                 "preset": args.preset,
-                "overrides": {"attention": attention},
+                "overrides": {**args.overrides, "attention": attention},
             },
             "data": {
                 "tokenizer": "unused.model",
@@ -143,6 +143,10 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
     else:
         model = config.model.model_family.model_type(model_args)
         blocks = model.layers
+        if args.fp8:  # before compiling, as the trainer does, so the casts fuse into the blocks
+            from training.fp8 import apply_fp8
+
+            apply_fp8(model, args.fp8)
     # The trainer's loss, compiled as the trainer compiles it; Liger's fused loss replaces it.
     loss_of = next_token_losses
     if compiled:
@@ -243,6 +247,15 @@ def main() -> None:
         default={},
         help="DeepSpeed config keys merged into every row's (engine.deepspeed), as JSON",
     )
+    parser.add_argument(
+        "--overrides",
+        type=json.loads,
+        default={},
+        help="model overrides for every row, as JSON (e.g. '{\"num_layers\": 4}')",
+    )
+    parser.add_argument(
+        "--fp8", choices=["tensorwise", "rowwise"], default=None, help="kinoe rows' engine.fp8"
+    )
     parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: one variant, JSON out
     args = parser.parse_args()
     args.preset = (
@@ -252,6 +265,12 @@ def main() -> None:
         args.variants = ",".join(
             name for name in VARIANTS if args.family == "mixtral" or name != "hf-eager-experts"
         )
+    if (
+        args.fp8
+        and not args.run
+        and any(not v.startswith("kinoe") for v in args.variants.split(","))
+    ):
+        parser.error("--fp8 applies to kinoe's rows only; drop the hf variants or --fp8")
     if args.run:
         print("RESULT " + json.dumps(measure(args.run, args)), flush=True)
         return
@@ -272,8 +291,12 @@ def main() -> None:
         ):
             command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         command += ["--deepspeed", json.dumps(args.deepspeed)]
+        command += ["--overrides", json.dumps(args.overrides)]
+        command += ["--fp8", args.fp8] if args.fp8 else []
         command += ["--profile"] if args.profile else []
-        env = {**os.environ, "MASTER_PORT": str(29600 + len(rows))}
+        # No MASTER_PORT here: init_distributed derives one from the process id, so two runs of
+        # this script side by side (one per GPU of a host) do not take each other's port.
+        env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
         result = subprocess.run(command, capture_output=True, text=True, env=env)
         if args.profile:
             print(f"== {variant}\n" + result.stderr[-12000:], file=sys.stderr)
@@ -292,7 +315,8 @@ def main() -> None:
     baseline = max(hf_rows, key=lambda row: row["tokens_per_s"], default=None)
     print(
         f"\n{args.preset}, seq {args.seq_len}, micro-batch {args.micro_batch} x "
-        f"{args.accumulation}, ZeRO-{args.zero_stage} bf16"
+        f"{args.accumulation}, ZeRO-{args.zero_stage} bf16{' fp8 ' + args.fp8 if args.fp8 else ''}"
+        f"{' ' + json.dumps(args.overrides) if args.overrides else ''}"
         f"{' ' + json.dumps(args.deepspeed) if args.deepspeed else ''}, {rows[0]['device'] if rows else '?'}; "
         f"fastest Hugging Face baseline: {baseline['variant'] if baseline else 'none ran'}"
     )

@@ -61,7 +61,17 @@ def plan(case: str, gpus: list[int]) -> list[dict]:
     raise SystemExit(f"unknown case {case!r}: choose from dense, 7b, moe, big")
 
 
-def main() -> int:
+def row_args(args: argparse.Namespace, spec: dict) -> argparse.Namespace:
+    """What `step_time.run_row` reads for one row of `plan`: weak scaling, so the global batch
+    grows with the row's GPUs."""
+    return argparse.Namespace(
+        **{**vars(args), "expert_parallel": 1, "overrides": {}, **spec},
+        global_batch=args.micro_batch * spec["gpus"] * args.accumulation,
+        sft_max_length=0,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="what step_time.py prepare wrote")
     parser.add_argument("--cases", default="dense,7b,moe,big")
@@ -77,7 +87,11 @@ def main() -> int:
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--timed-steps", type=int, default=20)
     parser.add_argument("--row-timeout", type=float, default=900.0)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     if args.gpus:
         gpus = [int(n) for n in args.gpus.split(",")]
     else:
@@ -93,13 +107,8 @@ def main() -> int:
     rows, failed = [], []
     for case in args.cases.split(","):
         for index, spec in enumerate(plan(case, gpus)):
-            row_args = argparse.Namespace(
-                **{**vars(args), "expert_parallel": 1, "overrides": {}, **spec},
-                global_batch=args.micro_batch * spec["gpus"] * args.accumulation,
-                sft_max_length=0,
-            )
             root = work / f"{case}-{index}"
-            result = run_row("pretrain", REPO, row_args, paths, root, root / "unused")
+            result = run_row("pretrain", REPO, row_args(args, spec), paths, root, root / "unused")
             result |= {"case": case, **spec}
             print("ROW " + json.dumps(result), flush=True)
             (failed if "error" in result else rows).append(result)

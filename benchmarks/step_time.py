@@ -147,7 +147,10 @@ def row_config(task: str, args: argparse.Namespace, paths: dict, root: Path, mod
         "run": {"root": str(root), "name": "bench"},
         "engine": engine,
         # By default only the final one, which the driver never waits for.
-        "checkpoint": {"interval": args.checkpoint_interval or 100_000, "keep_last": 1},
+        "checkpoint": {
+            "interval": getattr(args, "checkpoint_interval", None) or 100_000,
+            "keep_last": 1,
+        },
         "monitor": monitor,
     }
     if task == "pretrain":
