@@ -139,8 +139,11 @@ def model_state_bytes(
     ds_config: dict[str, Any],
     on_gpu: bool,
     expert_parallel: int = 1,
+    accumulation: int = 1,
 ) -> dict[str, int]:
-    """Weights, gradients, optimizer state and DeepSpeed's buffers on one rank (bytes)."""
+    """Weights, gradients, optimizer state and DeepSpeed's buffers on one rank (bytes).
+
+    ``accumulation``: micro-batches per step on each rank."""
     n = args.num_parameters()
     p = bytes_per_value(precision)
     w = world_size
@@ -151,11 +154,14 @@ def model_state_bytes(
     partition = (n - experts) // w + experts // expert_parallel // max(w // expert_parallel, 1)
     parts = {
         "weights": p * n // w if zero_stage == 3 else p * held,
-        # ZeRO-1 may hold more than its partition while reducing; the floor counts the partition.
         # Expert gradients are accumulated whole, then reduce-scattered over their holders.
         "gradients": p * (partition + (experts // expert_parallel if experts else 0)),
         "optimizer": (MASTER_BYTES + MOMENT_BYTES) * partition,
     }
+    if zero_stage == 1 and accumulation > 1:
+        # ZeRO-1 reduces only at a step's last micro-batch: until then DeepSpeed's hooks leave
+        # every gradient whole in param.grad, where the micro-batches accumulate.
+        parts["gradients"] += p * (n - experts)
     if p != 4:
         # The fp32 copy of the gradient partition the step reads: all of it at once for
         # ZeRO-1/2, one sub-group at a time for ZeRO-3.
@@ -240,7 +246,14 @@ def estimate_memory(
         else activation_checkpointing
     )
     parts = model_state_bytes(
-        args, precision, stage, world_size, ds_config, on_gpu, expert_parallel_size(config)
+        args,
+        precision,
+        stage,
+        world_size,
+        ds_config,
+        on_gpu,
+        expert_parallel_size(config),
+        accumulation=config.train.global_batch_size // (micro * world_size),
     )
     parts["activations"] = activation_bytes(
         args,
