@@ -318,6 +318,12 @@ def test_memory_estimate_follows_zero_stage_ranks_and_checkpointing(tmp_path):
     on_host = model_state_bytes(tiny, "fp32", 2, 1, ds, on_gpu=False)
     assert on_host["buffers"] == 4 * tiny.num_parameters()
 
+    # The config's accumulation decides it: 16 sequences of 4 on 4 ranks is one micro-batch.
+    stage1 = tiny_config(tmp_path, model={"preset": "mistral_1b"}, engine={"zero_stage": 1})
+    for ranks, whole in ((4, 0), (2, 2 * n), (1, 2 * n)):
+        gradients = estimate_memory(stage1, "bf16", ranks, ds, on_gpu=True).parts["gradients"]
+        assert gradients == 2 * n // ranks + whole, ranks
+
     # The fp32 gradient copy lives only while the activations are gone: the peak has one.
     config = tiny_config(tmp_path, model={"preset": "mistral_1b"})
     estimate = estimate_memory(config, "bf16", 1, ds, on_gpu=True)
