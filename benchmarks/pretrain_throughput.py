@@ -55,6 +55,30 @@ VARIANTS = {
 }
 
 
+# --profile's summary: operator name -> part of the step, first match wins. Names are the
+# launching operators' (aten ops, and the compiled graphs' Triton kernels, whose names list the
+# ops Inductor fused), so each kernel is counted once, under the operator that launched it.
+PROFILE_PARTS = (
+    ("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm",
+                         "aten::_grouped_mm", "aten::_scaled_grouped_mm")),
+    ("attention", ("flex_attention", "scaled_dot_product", "flash")),
+    ("FP8 scaling (amax, casts)", ("amax", "abs_max", "_scaled_mm_")),
+    ("copies (device-to-device included)", ("aten::copy_", "aten::index_copy")),
+    ("optimizer", ("adamw", "adam")),
+    ("in-place adds, divisions, norms", ("aten::add_", "aten::div_", "aten::mul_",
+                                       "aten::linalg_vector_norm", "aten::_foreach")),
+)  # fmt: skip
+
+
+def profile_part(name: str) -> str:
+    """The part of the step an operator's GPU time belongs to (see PROFILE_PARTS)."""
+    lowered = name.lower()
+    for part, patterns in PROFILE_PARTS:
+        if any(pattern.lower() in lowered for pattern in patterns):
+            return part
+    return "other"
+
+
 def pretrain_config(args: argparse.Namespace, attention: str, compile_blocks: bool):
     from pretrain.config import PretrainConfig
 
@@ -203,12 +227,13 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
     seconds = (time.perf_counter() - started) / args.steps
     if args.profile:
         # Where a step's GPU time goes, by operator: for deciding the next optimisation.
-        with torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        ) as profiler:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        activities += [torch.profiler.ProfilerActivity.CUDA] if cuda else []
+        with torch.profiler.profile(activities=activities) as profiler:
             for _ in range(3):
                 step()
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
         averages = profiler.key_averages()
         print(averages.table(sort_by="self_cuda_time_total", row_limit=30), file=sys.stderr)
         # Kernel time per step against the timed step; the rest is the GPU waiting on the host
@@ -217,6 +242,15 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
         kernels = [e for e in averages if e.device_type != torch.autograd.DeviceType.CPU
                    and not getattr(e, "is_user_annotation", False)]  # fmt: skip
         busy = sum(e.self_device_time_total for e in kernels) / 3 / 1e3
+        parts: dict[str, float] = {}
+        for event in averages:
+            if event.device_type == torch.autograd.DeviceType.CPU and event.self_device_time_total:
+                part = profile_part(event.key)
+                parts[part] = parts.get(part, 0.0) + event.self_device_time_total / 3 / 1e3
+        for part, ms in sorted(parts.items(), key=lambda item: -item[1]):
+            print(f"  {part}: {ms:.1f} ms per step", file=sys.stderr)
+        print(f"  not under an operator: {busy - sum(parts.values()):.1f} ms per step",
+              file=sys.stderr)  # fmt: skip
         print(f"GPU work per step: {busy:.1f} ms of a {seconds * 1e3:.1f} ms step "
               f"({100 * busy / (seconds * 1e3):.0f}% busy)", file=sys.stderr, flush=True)  # fmt: skip
     tokens_per_s = args.micro_batch * args.accumulation * args.seq_len / seconds

@@ -68,12 +68,15 @@ def _throughput(*extra: str) -> subprocess.CompletedProcess:
 
 
 def test_pretrain_throughput_prints_every_row_and_the_ratio():
-    result = _throughput("--variants", "hf,kinoe-sdpa")
+    result = _throughput("--variants", "hf,kinoe-sdpa", "--profile")
     assert result.returncode == 0, result.stderr[-3000:]
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert [line.split(" | ")[0] for line in table[1:]] == ["| hf", "| kinoe-sdpa"]
     assert table[1].endswith("| 1.00x |")  # the only baseline is the fastest one
     assert "micro-batch 1 x 2" in result.stdout and '"num_layers": 2' in result.stdout
+    # The profile's summary ran (on CPU no kernel has device time to share out).
+    assert result.stderr.count("GPU work per step: 0.0 ms") == 2
+    assert result.stderr.count("not under an operator: 0.0 ms per step") == 2
 
 
 def test_pretrain_throughput_exits_non_zero_when_a_variant_fails():
@@ -94,3 +97,20 @@ def test_pretrain_throughput_refuses_fp8_for_hugging_face_rows():
 def test_scaling_refuses_an_unknown_case(case):
     with pytest.raises(SystemExit, match="unknown case"):
         scaling.plan(case, [1])
+
+
+def test_profile_parts_name_each_operator_once():
+    import pretrain_throughput
+
+    part = pretrain_throughput.profile_part
+    # Operator names as the H200 profiles of docs/benchmarks.md print them.
+    assert part("aten::mm") == part("aten::_scaled_mm") == part("aten::_grouped_mm")
+    assert part("aten::mm") == "matrix products"
+    assert part("triton_tem_fused_flex_attention_backward_transpose_view_1") == "attention"
+    assert part("triton_tem_fused__to_copy_clamp_exp2_flex_attention_2") == "attention"
+    assert part("triton_poi_fused__scaled_mm__to_copy_add_clamp_clone_3").startswith("FP8")
+    assert part("triton_red_fused_abs_max_mul_silu_silu_backward_view_4").startswith("FP8")
+    assert part("aten::copy_").startswith("copies")
+    assert part("aten::_fused_adamw_") == "optimizer"
+    assert part("aten::div_") == part("aten::add_") == "in-place adds, divisions, norms"
+    assert part("aten::mul") == part("triton_poi_fused_mul_silu_5") == "other"
