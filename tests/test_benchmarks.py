@@ -87,16 +87,18 @@ def test_pretrain_throughput_exits_non_zero_when_a_variant_fails():
     assert "engine.fp8 tensorwise needs a CUDA GPU" in result.stderr
 
 
-def test_pretrain_throughput_refuses_fp8_for_hugging_face_rows():
+def test_pretrain_throughput_refuses_fp8_for_hugging_face_rows_and_unknown_variants():
     result = _throughput("--variants", "hf,kinoe-sdpa", "--fp8", "tensorwise")
     assert result.returncode == 2
     assert "--fp8 applies to kinoe's rows only" in result.stderr
+    result = _throughput("--variants", "hf,kinoe-fast")
+    assert result.returncode == 2
+    assert "unknown variants kinoe-fast; choose from hf, hf-compile" in result.stderr
 
 
-@pytest.mark.parametrize("case", ["nonsense"])
-def test_scaling_refuses_an_unknown_case(case):
+def test_scaling_refuses_an_unknown_case():
     with pytest.raises(SystemExit, match="unknown case"):
-        scaling.plan(case, [1])
+        scaling.plan("nonsense", [1])
 
 
 def test_profile_parts_name_each_operator_once():
