@@ -7,11 +7,12 @@ k projections need no permutation.
 from __future__ import annotations
 
 import re
-from typing import Any
-
-from transformers import MistralConfig
+from typing import TYPE_CHECKING, Any
 
 from models.mistral.args import MistralArgs
+
+if TYPE_CHECKING:  # importing transformers takes a second; training never needs it
+    from transformers import MistralConfig
 
 # (ours, Hugging Face); "{i}" stands for a layer index.
 NAMES: tuple[tuple[str, str], ...] = (
@@ -115,6 +116,8 @@ def hf_config_fields(args: MistralArgs) -> dict[str, Any]:
 
 def hf_config(args: MistralArgs) -> MistralConfig:
     """The Hugging Face config describing the same architecture as ``args``."""
+    from transformers import MistralConfig
+
     return MistralConfig(**hf_config_fields(args), architectures=["MistralForCausalLM"])
 
 

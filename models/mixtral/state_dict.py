@@ -8,9 +8,7 @@ Attention, norms, embeddings and output are named as in Mistral.
 
 from __future__ import annotations
 
-from typing import Any
-
-from transformers import MixtralConfig
+from typing import TYPE_CHECKING, Any
 
 from models.mistral.state_dict import NAMES as MISTRAL_NAMES
 from models.mistral.state_dict import (
@@ -19,6 +17,9 @@ from models.mistral.state_dict import (
     rename,
 )
 from models.mixtral.args import MixtralArgs
+
+if TYPE_CHECKING:  # importing transformers takes a second; training never needs it
+    from transformers import MixtralConfig
 
 # (ours, Hugging Face); "{i}" stands for a layer index. Mistral's, less its MLP.
 NAMES: tuple[tuple[str, str], ...] = (
@@ -46,6 +47,8 @@ def hf_config(args: MixtralArgs) -> MixtralConfig:
     load-balancing loss counts a token's top_k choices as top_k whole tokens, top_k times
     ours, so the coefficient is divided by top_k to keep the same pull toward balance.
     """
+    from transformers import MixtralConfig
+
     return MixtralConfig(
         **hf_config_fields(args),
         num_local_experts=args.num_experts,
