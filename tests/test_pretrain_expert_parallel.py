@@ -45,9 +45,9 @@ def _figures(config, key):
     return [record[key] for record in metrics(config)]
 
 
-def _config(tmp_path, shards, name, expert_parallel, **overrides):
+def _config(tmp_path, shards, name, expert_parallel, zero_stage=2, **overrides):
     sections = {**SECTIONS, **overrides}
-    sections["engine"] = {"zero_stage": 2, "expert_parallel": expert_parallel}
+    sections["engine"] = {"zero_stage": zero_stage, "expert_parallel": expert_parallel}
     return write_config(tmp_path, shards, name, **sections)
 
 
@@ -143,8 +143,11 @@ def test_expert_parallel_resumes_on_fewer_ranks_and_refuses_the_other_kind(
     """4 ranks with experts over 2 (each pair's experts held twice, their optimizer state split
     over the two holders), crashed; resumed on 2 ranks (experts held once) through a universal
     checkpoint of DeepSpeed's part, as after losing a node. The losses are those of 2 ranks
-    without expert parallelism (the same global batches)."""
-    split = _config(tmp_path, shards, "split", 2, drills={"crash_in_checkpoint_at_step": 8})
+    without expert parallelism (the same global batches). This run is at ZeRO-1, the reference
+    and the other tests at ZeRO-2: both stages expert parallelism composes with are trained."""
+    split = _config(
+        tmp_path, shards, "split", 2, zero_stage=1, drills={"crash_in_checkpoint_at_step": 8}
+    )
     assert launch(split, 4).returncode != 0  # step 4 is the last complete checkpoint
     checkpoint = run_dir(split) / "checkpoints" / "step_00000004"
     parts = ExpertCheckpoint(checkpoint, "rerun")
