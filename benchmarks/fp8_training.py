@@ -134,16 +134,20 @@ def main() -> int:
     print("| row | tokens/s | vs bf16 | MFU | peak GiB | loss (last steps) | vs bf16 |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        ratio = row["tokens_per_s"] / bf16["tokens_per_s"] if bf16 else float("nan")
-        gap = final[row["row"]] - final["bf16"] if "bf16" in final else float("nan")
+        ratio = f"{row['tokens_per_s'] / bf16['tokens_per_s']:.2f}x" if bf16 else "-"
+        gap = f"{final[row['row']] - final['bf16']:+.4f}" if "bf16" in final else "-"
         peak = f"{row['peak_gib']:.1f}" if row["peak_gib"] is not None else "-"
         print(
-            f"| {row['row']} | {row['tokens_per_s']:,.0f} | {ratio:.2f}x | "
+            f"| {row['row']} | {row['tokens_per_s']:,.0f} | {ratio} | "
             f"{100 * row['tokens_per_s'] * flops / PEAK_FLOPS:.1f}% | {peak} | "
-            f"{final[row['row']]:.4f} | {gap:+.4f} |"
+            f"{final[row['row']]:.4f} | {gap} |"
         )
     if noise is not None:
         print(f"seed-to-seed gap of bf16 (the noise): {noise:.4f}")
+    else:
+        # Without the second seed a gap has nothing to be judged against (a speed-only run).
+        print("no bf16-seed row: the loss columns have no seed-to-seed yardstick; add "
+              "bf16-seed to --rows to compare losses")  # fmt: skip
     if args.plot and curves:
         plot(curves, f"mistral_7b shapes, {args.layers} layers, seq {args.seq_len}", args.plot)
         print(f"loss curves: {args.plot}")
