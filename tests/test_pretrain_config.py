@@ -61,6 +61,11 @@ def write(tmp_path: Path, **changes) -> Path:
             {"engine.deepspeed": {"gradient_accumulation_steps": 4}},
             "set train.global_batch_size (accumulation follows from it) instead",
         ),
+        (
+            {"engine.deepspeed": {"data_types": {"grad_accum_dtype": "fp32"}}},
+            "data_types.grad_accum_dtype is not supported: it switches ZeRO-1 to DeepSpeed's "
+            "BF16_Optimizer, whose checkpoints kinoe convert cannot read",
+        ),
     ],
 )
 def test_config_errors_are_one_line_and_name_the_key(tmp_path, changes, expected):

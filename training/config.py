@@ -28,6 +28,17 @@ DERIVED_DEEPSPEED_KEYS = {
     "checkpoint.load_universal": "checkpoint.load_universal",
 }
 
+# DeepSpeed keys that train but leave a run kinoe cannot carry on with, and why. fp32 gradient
+# accumulation switches ZeRO-1 to DeepSpeed's BF16_Optimizer (ZeRO-2 and 3 do not take it),
+# whose checkpoint shards `kinoe convert` cannot read, whose gradient norm the expert-parallel
+# optimizer cannot join, and whose fp32 gradients preflight's memory estimate does not count:
+# refused here rather than found after the run.
+UNSUPPORTED_DEEPSPEED_KEYS = {
+    "data_types.grad_accum_dtype": "it switches ZeRO-1 to DeepSpeed's BF16_Optimizer, whose "
+    "checkpoints kinoe convert cannot read; leave it out (gradients accumulate in the training "
+    "dtype, docs/pretrain.md)",
+}
+
 
 class OptimizerConfig(Config):
     """AdamW; weight decay applies to matrices only (not norms or the embedding)."""
@@ -92,13 +103,19 @@ class EngineConfig(Config):
     @field_validator("deepspeed")
     @classmethod
     def _no_derived_keys(cls, raw: dict[str, Any]) -> dict[str, Any]:
-        for key, setting in DERIVED_DEEPSPEED_KEYS.items():
+        def present(key: str) -> bool:
             section, _, leaf = key.rpartition(".")
             holder = raw.get(section) if section else raw
-            if isinstance(holder, dict) and leaf in holder:
+            return isinstance(holder, dict) and leaf in holder
+
+        for key, setting in DERIVED_DEEPSPEED_KEYS.items():
+            if present(key):
                 raise ValueError(
                     f"{key} is derived by kinoe and cannot be set here; set {setting} instead"
                 )
+        for key, why in UNSUPPORTED_DEEPSPEED_KEYS.items():
+            if present(key):
+                raise ValueError(f"{key} is not supported: {why}")
         return raw
 
     @model_validator(mode="after")
