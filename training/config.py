@@ -29,10 +29,10 @@ DERIVED_DEEPSPEED_KEYS = {
 }
 
 # DeepSpeed keys that train but leave a run kinoe cannot carry on with, and why. fp32 gradient
-# accumulation switches ZeRO-1 to DeepSpeed's BF16_Optimizer (ZeRO-2 and 3 do not take it),
-# whose checkpoint shards `kinoe convert` cannot read, whose gradient norm the expert-parallel
-# optimizer cannot join, and whose fp32 gradients preflight's memory estimate does not count:
-# refused here rather than found after the run.
+# accumulation switches ZeRO-1 to DeepSpeed's BF16_Optimizer, whose checkpoint shards `kinoe
+# convert` cannot read, whose gradient norm the expert-parallel optimizer cannot join, and whose
+# fp32 gradients preflight's memory estimate does not count; at ZeRO-2 and 3 DeepSpeed 0.19
+# ignores the key (gradients still accumulate in bf16). Refused rather than found after the run.
 UNSUPPORTED_DEEPSPEED_KEYS = {
     "data_types.grad_accum_dtype": "it switches ZeRO-1 to DeepSpeed's BF16_Optimizer, whose "
     "checkpoints kinoe convert cannot read; leave it out (gradients accumulate in the training "
