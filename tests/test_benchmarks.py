@@ -115,4 +115,9 @@ def test_profile_parts_name_each_operator_once():
     assert part("aten::copy_").startswith("copies")
     assert part("aten::_fused_adamw_") == "optimizer"
     assert part("aten::div_") == part("aten::add_") == "in-place adds, divisions, norms"
-    assert part("aten::mul") == part("triton_poi_fused_mul_silu_5") == "other"
+    assert part("triton_poi_fused_cat_mul_silu_silu_backward_split_2") == "SwiGLU"
+    assert part("triton_poi_fused_mul_silu_5") == "SwiGLU"
+    assert part("triton_red_fused__unsafe_view_clone_expand_index_put_3").startswith("expert")
+    assert part("aten::sort") == part("aten::index_copy") == "expert routing and dispatch"
+    assert part("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "RMSNorm"
+    assert part("aten::mul") == "other"
