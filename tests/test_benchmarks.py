@@ -121,3 +121,26 @@ def test_profile_parts_name_each_operator_once():
     assert part("aten::sort") == part("aten::index_copy") == "expert routing and dispatch"
     assert part("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "RMSNorm"
     assert part("aten::mul") == "other"
+
+
+def test_grad_accumulation_precision_finds_the_bf16_sum_rounding(pretrain_shards, capsys):
+    import grad_accumulation_precision
+
+    corpus = REPO.parent / "shared" / "data" / "corpus"
+    small = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+             "intermediate_size": 128}  # fmt: skip
+    code = grad_accumulation_precision.main([
+        "--tokenizer", str(pretrain_shards["tokenizer"]),
+        "--documents", str(corpus / "wikipedia_ja_leads.jsonl.gz"),
+        "--overrides", json.dumps(small), "--seq-len", "64", "--max-k", "4",
+        "--train-steps", "3",
+    ])  # fmt: skip
+    assert code == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    cells = [[cell.strip() for cell in line.strip("| ").split("|")] for line in table[1:]]
+    rows = {int(row[0]): [float(cell.rstrip("%")) for cell in row[1:]] for row in cells}
+    assert sorted(rows) == [1, 2, 4]
+    assert rows[1][0] == rows[1][1] == 0.0  # one gradient: nothing rounded yet
+    # Summing rounds: in bf16 by about 2^-9 of each add, in fp32 by about 2^-24.
+    assert rows[4][0] > 1e-4 > 1e-6 > rows[4][1] > 0.0
+    assert rows[4][4] > 0.1  # other text: a different gradient
