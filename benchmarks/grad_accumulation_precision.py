@@ -37,6 +37,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,12 +52,9 @@ DEFAULT_OVERRIDES = {"hidden_size": 512, "num_layers": 4, "num_heads": 8, "num_k
                      "intermediate_size": 1792}  # fmt: skip
 
 
-def token_stream(tokenizer: Path, documents: list[Path], limit: int) -> torch.Tensor:
+def token_stream(processor: Any, documents: list[Path], limit: int) -> torch.Tensor:
     """Up to ``limit`` token ids of the documents' ``text`` fields, end to end, each document
-    followed by the end-of-sequence id (int64, 1-D)."""
-    import sentencepiece
-
-    processor = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
+    followed by the end-of-sequence id (int64, 1-D); ``processor`` a SentencePieceProcessor."""
     ids: list[int] = []
     for path in documents:
         with gzip.open(path, "rt", encoding="utf-8") as handle:
@@ -99,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     import sentencepiece
 
-    vocab = sentencepiece.SentencePieceProcessor(model_file=str(args.tokenizer)).vocab_size()
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(args.tokenizer))
+    vocab = processor.vocab_size()
     family = FAMILIES["mistral"]
     preset = family.presets[args.preset]()
     model_args = type(preset).model_validate(
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     model = family.model_type(model_args)
 
     rows_needed = args.micro_batch * (args.train_steps + 2 * args.max_k)
-    stream = token_stream(args.tokenizer, args.documents, rows_needed * (args.seq_len + 1))
+    stream = token_stream(processor, args.documents, rows_needed * (args.seq_len + 1))
     rows = stream.numel() // (args.seq_len + 1)
     if rows < rows_needed:
         sys.exit(
@@ -126,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         return float(loss)
 
-    started = time.perf_counter()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     for step in range(args.train_steps):
         optimizer.zero_grad(set_to_none=True)
@@ -144,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     reference_at: dict[int, torch.Tensor] = {}
     report: dict[int, dict[str, float]] = {}
     measured = batches[args.train_steps : args.train_steps + 2 * args.max_k]
+    measuring = time.perf_counter()
     for k, batch in enumerate(measured, start=1):
         model.zero_grad(set_to_none=True)
         backward(batch)
@@ -166,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             other = grad.double() if other is None else other + grad.double()
             if j & (j - 1) == 0:
                 report[j]["sampling"] = relative(other, reference_at[j])
-        print(f"micro-batch {k}/{2 * args.max_k}, {time.perf_counter() - started:.0f} s",
-              file=sys.stderr, flush=True)  # fmt: skip
+        elapsed, total = time.perf_counter() - measuring, 2 * args.max_k
+        print(f"micro-batch {k}/{total}, {k / elapsed:.2f}/s, elapsed {elapsed:.0f} s, "
+              f"ETA {(total - k) * elapsed / k:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
 
     parameters = sum(p.numel() for p in model.parameters())
     print(
